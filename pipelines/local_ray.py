@@ -40,7 +40,8 @@ def local_ray(num_cpus: int | None = None, address: str | None = None) -> Iterat
         ray.init(
             num_cpus=num_cpus or os.cpu_count(),
             _temp_dir=temp_dir,
-            include_dashboard=False,
+            include_dashboard=True,  # Ray Train v2 polls the state API, which the dashboard serves
+            dashboard_host="127.0.0.1",
             log_to_driver=True,  # rank-0 progress lines from the training workers
             configure_logging=True,
             logging_level="WARNING",

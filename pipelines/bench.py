@@ -1,0 +1,98 @@
+"""Benchmarks (JSON reports, never timed unit tests).
+
+`segment`: the default real-time segmenter against a plain 4-level width-32 U-Net — onnxruntime frames/s at 256×256
+on this machine, and mean Dice when both train with the same data and budget (vocalfolds seq1–3 → seq4 when the
+real data is present, else the embedded real-like simulator).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from pipelines.local_ray import local_ray
+from pipelines.segment_flow import train_and_export
+from training.data.sources import DataSpec
+from training.export import export_segmenter
+from training.loop import ComputeConfig
+from training.models.unet import Segmenter, UNetConfig, count_parameters
+from training.segment.config import SegmentJobConfig
+from training.tracking import TrackingConfig
+
+
+def onnx_frames_per_second(model: Segmenter, size: int = 256, threads: int = 2, runs: int = 50) -> dict:
+    with tempfile.TemporaryDirectory() as directory:
+        path = export_segmenter(model, Path(directory) / "m.onnx", input_size=size)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    image = np.random.default_rng(0).standard_normal((1, 3, size, size), dtype=np.float32)
+    for _ in range(10):
+        session.run(None, {"image": image})
+    timings = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        session.run(None, {"image": image})
+        timings.append(time.perf_counter() - started)
+    median = statistics.median(timings)
+    return {"median_ms": round(median * 1000, 2), "fps": round(1 / median, 1), "threads": threads, "runs": runs}
+
+
+def bench_segment(out: Path, real_root: Path | None, epochs: int = 30, runs_dir: str = "runs/bench") -> dict:
+    if real_root is not None and (real_root / "img").is_dir():
+        data = "vocalfolds seq1-3 -> seq4"
+        train = DataSpec(kind="vocalfolds", uri=str(real_root), sequences=["seq1", "seq2", "seq3"])
+        evaluate = DataSpec(kind="vocalfolds", uri=str(real_root), sequences=["seq4"])
+    else:
+        data = "embedded simulator, real-like renderer"
+        train = DataSpec(kind="sim", style="real-like", count=240, seed=10)
+        evaluate = DataSpec(kind="sim", style="real-like", count=96, seed=2000)
+    models = {"default": UNetConfig(), "plain_unet": UNetConfig.plain()}
+    report: dict = {
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+        "data": data,
+        "epochs": epochs,
+        "models": {},
+    }
+    with local_ray():
+        for name, model_cfg in models.items():
+            print(f"[bench] {name}: onnxruntime speed", flush=True)
+            entry = {
+                "parameters": count_parameters(Segmenter(model_cfg)),
+                "onnx_cpu": onnx_frames_per_second(Segmenter(model_cfg)),
+            }
+            cfg = SegmentJobConfig(
+                name=f"bench-{name}",
+                runs_dir=runs_dir,
+                source=train,
+                val=evaluate,
+                model=model_cfg,
+                compute=ComputeConfig(epochs=epochs, workers=2, batch_size=4),
+                tracking=TrackingConfig(experiment="endoflow-bench"),
+            )
+            print(f"[bench] {name}: training {epochs} epochs on {data}", flush=True)
+            result = train_and_export(cfg, evaluate, Path(runs_dir) / "artifacts", fresh=True)
+            entry |= {
+                "mean_dice": result.summary["mean_dice"],
+                "dice": result.summary["dice"],
+                "train_seconds": round(result.train_seconds, 1),
+            }
+            report["models"][name] = entry
+    default, plain = report["models"]["default"], report["models"]["plain_unet"]
+    report["targets"] = {
+        "default_fps_at_least_30": default["onnx_cpu"]["fps"] >= 30,
+        "dice_gap_to_plain": round(plain["mean_dice"] - default["mean_dice"], 4),
+        "dice_within_0.02_of_plain": plain["mean_dice"] - default["mean_dice"] <= 0.02,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    return report

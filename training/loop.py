@@ -1,0 +1,125 @@
+"""What every Ray Train job shares: the compute section of its config, worker set-up, checkpoints, the trainer.
+
+A job module supplies only its `train_loop_per_worker` and its config; this file owns the Ray Train plumbing so
+the style, adapt, segment and propagate jobs do not each carry a copy of it.
+
+CUDA path (never needed by the tests): `gpus_per_worker > 0` selects NCCL, puts the model on the worker's GPU via
+`ray.train.torch.prepare_model`, and turns on mixed precision (bf16/fp16 autocast + GradScaler) when `amp` is set.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import torch
+from pydantic import Field
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from training.config import StrictModel
+
+STATE_FILE = "state.pt"
+
+
+class ComputeConfig(StrictModel):
+    epochs: int = Field(6, ge=1)
+    batch_size: int = Field(8, ge=1, description="per worker")
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel replicas)")
+    cpus_per_worker: int = Field(1, ge=1, description="also the torch thread count of each worker")
+    gpus_per_worker: float = Field(0.0, ge=0, description="> 0: CUDA with NCCL")
+    amp: bool = Field(True, description="mixed precision; only ever active on CUDA")
+    max_failures: int = Field(2, ge=0, description="worker failures survived by restarting from the last checkpoint")
+    seed: int = 0
+
+
+@dataclass
+class WorkerContext:
+    rank: int
+    world: int
+    device: torch.device
+    use_amp: bool
+
+    @property
+    def is_chief(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.use_amp)
+
+
+def setup_worker(compute: ComputeConfig) -> WorkerContext:
+    context = ray.train.get_context()
+    torch.set_num_threads(compute.cpus_per_worker)
+    seed = compute.seed + context.get_world_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    device = ray.train.torch.get_device() if compute.gpus_per_worker > 0 else torch.device("cpu")
+    return WorkerContext(
+        rank=context.get_world_rank(),
+        world=context.get_world_size(),
+        device=device,
+        use_amp=compute.amp and device.type == "cuda",
+    )
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def load_state() -> dict[str, Any] | None:
+    """The state saved with the latest reported checkpoint of this run (after a restart or a resume), if any."""
+    checkpoint = ray.train.get_checkpoint()
+    return None if checkpoint is None else read_checkpoint_state(checkpoint)
+
+
+def report(metrics: dict[str, float], state: dict[str, Any], context: WorkerContext) -> None:
+    """Report an epoch's metrics from every worker; only the chief writes the checkpoint (identical DDP replicas)."""
+    if not context.is_chief:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        torch.save(state, Path(directory) / STATE_FILE)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def read_checkpoint_state(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
+    with checkpoint.as_directory() as directory:
+        return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def fit(
+    train_loop_per_worker: Callable[[dict], None],
+    loop_config: dict[str, Any],
+    compute: ComputeConfig,
+    name: str,
+    storage_path: str,
+) -> ray.train.Result:
+    """Run a TorchTrainer. Re-running with the same name and storage path resumes from the last checkpoint."""
+    if "://" not in storage_path:
+        storage_path = os.path.abspath(storage_path)
+    use_gpu = compute.gpus_per_worker > 0
+    resources = {"CPU": compute.cpus_per_worker} | ({"GPU": compute.gpus_per_worker} if use_gpu else {})
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=compute.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=compute.max_failures),
+        ),
+    )
+    return trainer.fit()

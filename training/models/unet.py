@@ -1,0 +1,138 @@
+"""A U-Net family segmenter whose width, depth and block type come from its config.
+
+Two members matter:
+- `plain`: the classic U-Net (two 3×3 convs per level, full-resolution stem) — the accuracy reference.
+- `lite` (default): a stride-2 stem and depthwise-separable residual blocks, so the decoder runs at half
+  resolution and the whole net fits a real-time budget on a CPU; the logits are upsampled back at the end.
+
+Shapes: images are (B, 3, H, W) with H and W multiples of `UNetConfig.size_multiple`; logits are (B, C, H, W).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, Field
+from torch import nn
+
+
+class UNetConfig(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    block: Literal["double_conv", "separable"] = "separable"
+    base_width: int = Field(16, ge=4, description="channels at the first level; doubled at every level")
+    depth: int = Field(4, ge=1, le=6, description="number of downsampling steps")
+    blocks_per_level: int = Field(2, ge=1, le=4)
+    stem_stride: Literal[1, 2] = 2
+    max_width: int = Field(256, ge=8, description="channel cap for deep levels")
+    num_classes: int = 7
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="before the classifier; enables MC-dropout")
+
+    @property
+    def size_multiple(self) -> int:
+        return self.stem_stride * 2**self.depth
+
+    @classmethod
+    def plain(cls, num_classes: int = 7) -> UNetConfig:
+        """The reference U-Net: 4 levels, width 32, double 3×3 convs (7.8 M parameters)."""
+        return cls(
+            block="double_conv",
+            base_width=32,
+            depth=4,
+            blocks_per_level=1,
+            stem_stride=1,
+            max_width=512,
+            num_classes=num_classes,
+        )
+
+
+def conv_bn_relu(c_in: int, c_out: int, kernel: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+class DoubleConv(nn.Sequential):
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__(conv_bn_relu(c_in, c_out, stride=stride), conv_bn_relu(c_out, c_out))
+
+
+class SeparableResidual(nn.Module):
+    """Depthwise 3×3 + pointwise 1×1 with a residual path; cheap enough for CPU real time."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.depthwise = conv_bn_relu(c_in, c_in, stride=stride, groups=c_in)
+        self.pointwise = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.AvgPool2d(stride) if stride != 1 else nn.Identity(),
+                nn.Conv2d(c_in, c_out, 1, bias=False),
+                nn.BatchNorm2d(c_out),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.pointwise(self.depthwise(x)) + self.shortcut(x))
+
+
+def make_stage(cfg: UNetConfig, c_in: int, c_out: int, stride: int) -> nn.Sequential:
+    block = DoubleConv if cfg.block == "double_conv" else SeparableResidual
+    layers = [block(c_in, c_out, stride)]
+    layers += [block(c_out, c_out) for _ in range(cfg.blocks_per_level - 1)]
+    return nn.Sequential(*layers)
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        widths = [min(cfg.base_width * 2**i, cfg.max_width) for i in range(cfg.depth + 1)]
+        self.stem = conv_bn_relu(3, widths[0], stride=cfg.stem_stride)
+        self.enc0 = make_stage(cfg, widths[0], widths[0], stride=1)
+        self.down = nn.ModuleList(make_stage(cfg, widths[i], widths[i + 1], stride=2) for i in range(cfg.depth))
+        # Each decoder level fuses the upsampled deeper features with the skip of the same resolution.
+        self.up = nn.ModuleList(
+            make_stage(cfg, widths[i + 1] + widths[i], widths[i], stride=1) for i in range(cfg.depth)
+        )
+        self.dropout = nn.Dropout2d(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.classifier = nn.Conv2d(widths[0], cfg.num_classes, 1)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(self.features(image)))
+
+    def features(self, image: torch.Tensor) -> torch.Tensor:
+        """Decoder features at stem resolution (B, base_width, H/stem, W/stem)."""
+        x = self.enc0(self.stem(image))
+        skips = [x]
+        for stage in self.down:
+            x = stage(x)
+            skips.append(x)
+        for level in reversed(range(self.cfg.depth)):
+            skip = skips[level]
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = self.up[level](torch.cat([x, skip], dim=1))
+        return x
+
+
+class Segmenter(nn.Module):
+    """UNet + the final upsampling to input size, so every caller sees (B, C, H, W) logits."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.unet = UNet(cfg)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        logits = self.unet(image)
+        if self.cfg.stem_stride != 1:
+            logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        return logits
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,36 @@
+"""Batched inference and scoring of a torch segmenter on uint8 frames."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from training.data.classes import CLASS_NAMES
+from training.data.normalize import normalize, to_unit_bchw
+from training.metrics import SegmentationScores
+
+
+@torch.no_grad()
+def predict_labels(model: torch.nn.Module, images_nhwc: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    """(N, H, W, 3) uint8 → (N, H, W) uint8 label maps."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    labels = []
+    for start in range(0, len(images_nhwc), batch_size):
+        batch = normalize(to_unit_bchw(images_nhwc[start : start + batch_size]).to(device))
+        labels.append(model(batch).argmax(1).to(torch.uint8).cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(labels) if labels else np.zeros((0, *images_nhwc.shape[1:3]), np.uint8)
+
+
+def score(model: torch.nn.Module, images_nhwc: np.ndarray, masks_nhw: np.ndarray) -> tuple[dict, np.ndarray]:
+    """Per-class and mean Dice/IoU over all frames, and the predictions (for overlays)."""
+    predictions = predict_labels(model, images_nhwc)
+    scores = SegmentationScores(CLASS_NAMES[: model_classes(model)])
+    scores.update(masks_nhw, predictions)
+    return scores.summary(), predictions
+
+
+def model_classes(model: torch.nn.Module) -> int:
+    return getattr(getattr(model, "cfg", None), "num_classes", len(CLASS_NAMES))
