@@ -69,15 +69,19 @@ def serve(
     port: int = 8000,
     host: str = "127.0.0.1",
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local)")] = None,
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow registry for models:/ refs (default: $MLFLOW_TRACKING_URI or runs/)")
+    ] = None,
 ) -> None:
     """Serve a segmentation model over HTTP in the foreground; Ctrl-C stops cleanly."""
     import time
 
     from pipelines.local_ray import local_ray
     from serving.app import run_app
+    from training.tracking import default_tracking_uri
 
     with local_ray(address=address):
-        run_app(model, port=port, host=host, blocking=False)
+        run_app(model, port=port, host=host, blocking=False, tracking_uri=tracking_uri or default_tracking_uri())
         console.print(f"serving {model} on http://{host}:{port} (POST /v1/segment, GET /healthz); Ctrl-C stops")
         try:
             while True:

@@ -131,7 +131,12 @@ def _serve_and_query(demo: DemoConfig, eval_spec: DataSpec, torch_predictions: n
     from serving.app import run_app
 
     base = f"http://127.0.0.1:{demo.port}"
-    run_app(f"models:/{demo.model_name}@{demo.alias}", port=demo.port, blocking=False)
+    run_app(
+        f"models:/{demo.model_name}@{demo.alias}",
+        port=demo.port,
+        blocking=False,
+        tracking_uri=mlflow.get_tracking_uri(),
+    )
     try:
         images, masks = load_data(eval_spec.model_copy(update={"count": demo.requests}))
         scores = SegmentationScores(CLASS_NAMES)

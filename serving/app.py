@@ -79,8 +79,9 @@ class SegmentationService:
         max_body_bytes: int = MAX_BODY_BYTES,
         max_side: int = MAX_SIDE,
         cache_dir: str | None = None,
+        tracking_uri: str | None = None,
     ) -> None:
-        self.resolved = resolve_model(model_ref, cache_dir)
+        self.resolved = resolve_model(model_ref, cache_dir, tracking_uri)
         self.model = OnnxSegmenter(self.resolved.path, providers, threads)
         self.palette = make_palette(len(self.model.class_names))
         self.max_body_bytes, self.max_side = max_body_bytes, max_side

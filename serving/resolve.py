@@ -25,10 +25,13 @@ class ResolvedModel:
     sha256: str  # of the .onnx file followed by its external-data files, so weights count too
 
 
-def resolve_model(ref: str | Path, cache_dir: str | Path | None = None) -> ResolvedModel:
+def resolve_model(
+    ref: str | Path, cache_dir: str | Path | None = None, tracking_uri: str | None = None
+) -> ResolvedModel:
+    """`tracking_uri` names the MLflow registry for models:/ refs (default: $MLFLOW_TRACKING_URI)."""
     ref = str(ref)
     if ref.startswith("models:/"):
-        name, path = _download_registered(ref, cache_dir)
+        name, path = _download_registered(ref, cache_dir, tracking_uri)
     else:
         name, path = None, _local_model_file(Path(ref).expanduser())
     return ResolvedModel(ref=ref, name=name or path.stem, path=path, sha256=model_sha256(path))
@@ -44,13 +47,17 @@ def _local_model_file(path: Path) -> Path:
     return path.resolve()
 
 
-def _download_registered(ref: str, cache_dir: str | Path | None) -> tuple[str, Path]:
+def _download_registered(ref: str, cache_dir: str | Path | None, tracking_uri: str | None) -> tuple[str, Path]:
     match = _REGISTRY_REF.match(ref)
     if not match:
         raise ValueError(f"{ref!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
     import mlflow  # only registry references pay for this import (a second or two)
     from mlflow.exceptions import MlflowException
 
+    if tracking_uri:
+        # models:/ refs are looked up in the registry store, which follows these process-wide settings.
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
     dst_path = None
     if cache_dir is not None:
         # One folder per reference, overwritten on each resolve: an alias may have moved since last time.
