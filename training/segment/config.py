@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field, model_validator
 
 from training.config import StrictModel
 from training.data.sources import DataSpec
 from training.loop import ComputeConfig
 from training.models.unet import UNetConfig
+from training.style.transforms import StyleMethod
 from training.tracking import TrackingConfig
 
 
 class StyleConfig(StrictModel):
-    method: Literal["none", "fda"] = Field("none", description="training-free sim→real transfer applied per batch")
+    method: StyleMethod = Field("none", description="training-free sim→real transfer applied per batch")
     beta: float = Field(0.01, ge=0.0, le=0.5, description="FDA low-frequency window, fraction of the image side")
     probability: float = Field(1.0, ge=0.0, le=1.0, description="fraction of source images that are translated")
 

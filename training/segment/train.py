@@ -21,7 +21,7 @@ from training.data.sources import load_data
 from training.models.unet import Segmenter
 from training.segment.config import AugmentConfig, SegmentJobConfig, StyleConfig
 from training.segment.predict import score
-from training.style.fourier import fourier_style_transfer
+from training.style.transforms import apply_style
 
 
 def augment(batch_unit: torch.Tensor, masks: torch.Tensor, cfg: AugmentConfig, rng: torch.Generator):
@@ -42,7 +42,7 @@ def stylise(batch_unit: torch.Tensor, target_images: np.ndarray | None, cfg: Sty
     if cfg.method == "none" or target_images is None:
         return batch_unit
     picks = torch.randint(len(target_images), (batch_unit.shape[0],), generator=rng)
-    translated = fourier_style_transfer(batch_unit, to_unit_bchw(target_images[picks.numpy()]), cfg.beta)
+    translated = apply_style(cfg.method, batch_unit, to_unit_bchw(target_images[picks.numpy()]), cfg.beta)
     keep = torch.rand(batch_unit.shape[0], generator=rng) >= cfg.probability
     translated[keep] = batch_unit[keep]
     return translated
