@@ -91,7 +91,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            total_loss += float(loss)
+            total_loss += loss.item()
         scheduler.step()
 
         metrics = {
