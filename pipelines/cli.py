@@ -64,6 +64,31 @@ def train(
 
 
 @app.command()
+def evaluate(
+    model: Annotated[str, typer.Option(help="ONNX path or models:/name@alias")],
+    data: Annotated[str, typer.Option(help="dataset root: a directory or s3:// prefix")],
+    layout: Annotated[str, typer.Option(help="folder (images/ masks/ classes.json) or vocalfolds")] = "folder",
+    sequences: Annotated[list[str] | None, typer.Option("--sequence", help="vocalfolds sequence, repeatable")] = None,
+    out: Path = Path("runs/evaluate/report.json"),
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow registry for models:/ refs")] = None,
+) -> None:
+    """Per-class Dice/IoU of an exported model on labelled frames, with overlay PNGs."""
+    from pipelines.evaluate import evaluate_onnx
+    from training.data.folders import DataError
+    from training.tracking import default_tracking_uri
+
+    try:
+        report = evaluate_onnx(model, data, layout, out, sequences, tracking_uri or default_tracking_uri())
+    except (DataError, FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    console.print(
+        f"{report['data']['frames']} frames: mean Dice {report['mean_dice']:.4f}, mean IoU {report['mean_iou']:.4f}"
+    )
+    console.print(f"report: {out} · overlays: {report['overlays']}")
+
+
+@app.command()
 def serve(
     model: Annotated[str, typer.Option(help="ONNX path or models:/name@alias")],
     port: int = 8000,
