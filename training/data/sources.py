@@ -6,6 +6,7 @@ arrays from the driver, so the same config runs on a laptop and on a cluster.
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import numpy as np
@@ -31,6 +32,9 @@ class DataSpec(StrictModel):
     def _needs_uri(self) -> DataSpec:
         if self.kind != "sim" and not self.uri:
             raise ValueError(f"data kind {self.kind!r} needs 'uri' (a directory or s3:// prefix)")
+        if self.uri and "://" not in self.uri:
+            # Ray Train workers run in their own working directory: hand them an absolute path.
+            self.uri = os.path.abspath(os.path.expanduser(self.uri))
         return self
 
     def describe(self) -> str:
