@@ -30,3 +30,33 @@ bench: $(STAMP)
 
 clean:
 	rm -rf runs
+
+# --- containers and Kubernetes (docker/README.md, k8s/README.md) ---------------------------------------------
+IMAGE_REPO ?= endoflow
+IMAGE_TAG  ?= 0.1.0
+# e.g. BUILD_ARGS='--build-arg BASE_IMAGE=my-registry/debian-py311:12' for an air-gapped base
+BUILD_ARGS ?=
+
+.PHONY: k8s-validate images
+
+k8s-validate: $(STAMP)
+	bash k8s/validate.sh
+
+# Both images: Docker when an engine answers, else buildah (no daemon; chroot isolation works unprivileged in a
+# container; --format docker keeps the HEALTHCHECK, which OCI images drop).
+images:
+	@if docker info >/dev/null 2>&1; then \
+		set -e; \
+		docker build -f docker/Dockerfile.train -t $(IMAGE_REPO)/train:$(IMAGE_TAG) $(BUILD_ARGS) .; \
+		docker build -f docker/Dockerfile.serve -t $(IMAGE_REPO)/serve:$(IMAGE_TAG) $(BUILD_ARGS) .; \
+	elif command -v buildah >/dev/null 2>&1; then \
+		set -e; \
+		buildah bud --isolation chroot --format docker -f docker/Dockerfile.train \
+			-t $(IMAGE_REPO)/train:$(IMAGE_TAG) $(BUILD_ARGS) .; \
+		buildah bud --isolation chroot --format docker -f docker/Dockerfile.serve \
+			-t $(IMAGE_REPO)/serve:$(IMAGE_TAG) $(BUILD_ARGS) .; \
+	else \
+		echo "make images: no container engine: 'docker info' failed and buildah is not installed." >&2; \
+		echo "  Start Docker, or install buildah (apt-get install buildah); see docker/README.md." >&2; \
+		exit 1; \
+	fi

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -131,7 +130,7 @@ def run(cfg: SegmentJobConfig, tracking_uri: str) -> TrainedSegmenter:
         {"job": cfg.model_dump(mode="json"), "tracking_uri": tracking_uri},
         cfg.compute,
         name=cfg.name,
-        storage_path=str(Path(cfg.runs_dir) / "ray"),
+        storage_path=f"{cfg.runs_dir.rstrip('/')}/ray",  # a local path or s3:// prefix
     )
     if result.checkpoint is None:
         raise RuntimeError(f"training run {cfg.name} produced no checkpoint (error: {result.error})")
