@@ -40,6 +40,10 @@ def train(
     register: Annotated[str | None, typer.Option(help="register the ONNX model as NAME or NAME@ALIAS")] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS or local)")] = None,
     fresh: Annotated[bool, typer.Option(help="start over instead of resuming a run of the same name")] = False,
+    workers: Annotated[int | None, typer.Option(help="Ray Train workers (= --set compute.workers=N)")] = None,
+    gpus_per_worker: Annotated[
+        float | None, typer.Option(help="> 0: CUDA with NCCL and AMP (= --set compute.gpus_per_worker=G)")
+    ] = None,
 ) -> None:
     """Train the segmentation job (resumes a stopped run of the same name), export ONNX, optionally register."""
     from pipelines.local_ray import local_ray
@@ -48,6 +52,8 @@ def train(
     from training.data.sources import DataSpec
     from training.segment.config import SegmentJobConfig
 
+    shortcuts = {"compute.workers": workers, "compute.gpus_per_worker": gpus_per_worker}
+    set_ = (set_ or []) + [f"{key}={value}" for key, value in shortcuts.items() if value is not None]
     cfg = _load(SegmentJobConfig, config, set_, load_config)
     eval_spec = load_config(DataSpec, eval_data) if eval_data else cfg.val
     register_as = None
