@@ -70,6 +70,46 @@ def train(
 
 
 @app.command()
+def adapt(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    eval_data: Annotated[Path | None, typer.Option(help="YAML DataSpec of labelled frames to score")] = None,
+    register: Annotated[str | None, typer.Option(help="register the ONNX model as NAME or NAME@ALIAS")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS or local)")] = None,
+    fresh: Annotated[bool, typer.Option(help="start over instead of resuming a run of the same name")] = False,
+    workers: Annotated[int | None, typer.Option(help="Ray Train workers (= --set compute.workers=N)")] = None,
+    gpus_per_worker: Annotated[
+        float | None, typer.Option(help="> 0: CUDA with NCCL and AMP (= --set compute.gpus_per_worker=G)")
+    ] = None,
+) -> None:
+    """Train the adaptation job (style + IRB + pseudo-labels [+ adversarial]), export ONNX, optionally register."""
+    from pipelines.local_ray import local_ray
+    from pipelines.segment_flow import train_and_export
+    from training.adapt import train as adapt_train
+    from training.adapt.config import AdaptJobConfig
+    from training.config import load_config
+    from training.data.sources import DataSpec
+
+    shortcuts = {"compute.workers": workers, "compute.gpus_per_worker": gpus_per_worker}
+    set_ = (set_ or []) + [f"{key}={value}" for key, value in shortcuts.items() if value is not None]
+    cfg = _load(AdaptJobConfig, config, set_, load_config)
+    eval_spec = load_config(DataSpec, eval_data) if eval_data else cfg.val
+    register_as = None
+    if register:
+        name, _, alias = register.partition("@")
+        register_as = (name, alias or None)
+    with local_ray(num_cpus=None, address=address):
+        result = train_and_export(
+            cfg, eval_spec, Path(cfg.runs_dir) / "artifacts", register_as, fresh=fresh, runner=adapt_train.run
+        )
+    console.print(f"ONNX: {result.onnx_path} (parity max |Δ| {result.parity_max_abs_diff:.1e}), run {result.run_id}")
+    if result.summary:
+        console.print(f"mean Dice {result.summary['mean_dice']:.4f}, mean IoU {result.summary['mean_iou']:.4f}")
+    if result.registered_version:
+        console.print(f"registered {register} version {result.registered_version}")
+
+
+@app.command()
 def evaluate(
     model: Annotated[str, typer.Option(help="ONNX path or models:/name@alias")],
     data: Annotated[str, typer.Option(help="dataset root: a directory or s3:// prefix")],
@@ -92,6 +132,27 @@ def evaluate(
         f"{report['data']['frames']} frames: mean Dice {report['mean_dice']:.4f}, mean IoU {report['mean_iou']:.4f}"
     )
     console.print(f"report: {out} · overlays: {report['overlays']}")
+
+
+@app.command()
+def sweep(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS or local)")] = None,
+) -> None:
+    """Ray Tune sweep over a job's config: trials as nested MLflow runs, then best_config.yaml, a plot, a summary."""
+    from pipelines.sweep_flow import sweep_and_log
+    from training.config import ConfigError, load_config
+    from training.tune import SweepConfig
+
+    cfg = _load(SweepConfig, config, set_, load_config)
+    try:
+        result, out_dir = sweep_and_log(cfg, address=address)
+    except ConfigError as exc:
+        console.print(f"[red]config error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    console.print(f"best {cfg.metric} {result.best_metric:.4f} with {result.best_params}")
+    console.print(f"{len(result.trials)} trials · {out_dir}/best_config.yaml · summary.json · sweep.png")
 
 
 @app.command()

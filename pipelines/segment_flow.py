@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +46,7 @@ def train_and_export(
     out_dir: Path,
     register_as: tuple[str, str | None] | None = None,
     fresh: bool = False,
+    runner: Callable[..., segment_train.TrainedSegmenter] = segment_train.run,
 ) -> VariantResult:
     """Train `cfg` (resuming a stopped run of the same name unless `fresh`), score on `eval_spec`, export, log."""
     tracking_uri = tracking.use_tracking(cfg.tracking, cfg.runs_dir)
@@ -56,7 +58,7 @@ def train_and_export(
         tracking.log_config(cfg)
         (out_dir / f"{cfg.name}.yaml").write_text(to_yaml(cfg))
         started = time.perf_counter()
-        trained = segment_train.run(cfg, tracking_uri)
+        trained = runner(cfg, tracking_uri)
         train_seconds = time.perf_counter() - started
         mlflow.log_metric("train_seconds", train_seconds)
 
