@@ -13,6 +13,15 @@ console = Console()
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")]
 SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", help="override, e.g. compute.epochs=3")]
+# The options every training command shares.
+EvalDataOption = Annotated[Path | None, typer.Option(help="YAML DataSpec of labelled frames to score")]
+RegisterOption = Annotated[str | None, typer.Option(help="register the ONNX model as NAME or NAME@ALIAS")]
+AddressOption = Annotated[str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS or local)")]
+FreshOption = Annotated[bool, typer.Option(help="start over instead of resuming a run of the same name")]
+WorkersOption = Annotated[int | None, typer.Option(help="Ray Train workers (= --set compute.workers=N)")]
+GpusOption = Annotated[
+    float | None, typer.Option(help="> 0: CUDA with NCCL and AMP (= --set compute.gpus_per_worker=G)")
+]
 
 
 @app.command()
@@ -36,77 +45,40 @@ def demo(
 def train(
     config: ConfigOption = None,
     set_: SetOption = None,
-    eval_data: Annotated[Path | None, typer.Option(help="YAML DataSpec of labelled frames to score")] = None,
-    register: Annotated[str | None, typer.Option(help="register the ONNX model as NAME or NAME@ALIAS")] = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS or local)")] = None,
-    fresh: Annotated[bool, typer.Option(help="start over instead of resuming a run of the same name")] = False,
-    workers: Annotated[int | None, typer.Option(help="Ray Train workers (= --set compute.workers=N)")] = None,
-    gpus_per_worker: Annotated[
-        float | None, typer.Option(help="> 0: CUDA with NCCL and AMP (= --set compute.gpus_per_worker=G)")
-    ] = None,
+    eval_data: EvalDataOption = None,
+    register: RegisterOption = None,
+    address: AddressOption = None,
+    fresh: FreshOption = False,
+    workers: WorkersOption = None,
+    gpus_per_worker: GpusOption = None,
 ) -> None:
     """Train the segmentation job (resumes a stopped run of the same name), export ONNX, optionally register."""
-    from pipelines.local_ray import local_ray
-    from pipelines.segment_flow import train_and_export
-    from training.config import load_config
-    from training.data.sources import DataSpec
+    from training.segment import train as segment_train
     from training.segment.config import SegmentJobConfig
 
-    shortcuts = {"compute.workers": workers, "compute.gpus_per_worker": gpus_per_worker}
-    set_ = (set_ or []) + [f"{key}={value}" for key, value in shortcuts.items() if value is not None]
-    cfg = _load(SegmentJobConfig, config, set_, load_config)
-    eval_spec = load_config(DataSpec, eval_data) if eval_data else cfg.val
-    register_as = None
-    if register:
-        name, _, alias = register.partition("@")
-        register_as = (name, alias or None)
-    with local_ray(num_cpus=None, address=address):
-        result = train_and_export(cfg, eval_spec, Path(cfg.runs_dir) / "artifacts", register_as, fresh=fresh)
-    console.print(f"ONNX: {result.onnx_path} (parity max |Δ| {result.parity_max_abs_diff:.1e}), run {result.run_id}")
-    if result.summary:
-        console.print(f"mean Dice {result.summary['mean_dice']:.4f}, mean IoU {result.summary['mean_iou']:.4f}")
-    if result.registered_version:
-        console.print(f"registered {register} version {result.registered_version}")
+    _train_export(
+        SegmentJobConfig, segment_train.run, config, set_, eval_data, register, address, fresh, workers, gpus_per_worker
+    )
 
 
 @app.command()
 def adapt(
     config: ConfigOption = None,
     set_: SetOption = None,
-    eval_data: Annotated[Path | None, typer.Option(help="YAML DataSpec of labelled frames to score")] = None,
-    register: Annotated[str | None, typer.Option(help="register the ONNX model as NAME or NAME@ALIAS")] = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS or local)")] = None,
-    fresh: Annotated[bool, typer.Option(help="start over instead of resuming a run of the same name")] = False,
-    workers: Annotated[int | None, typer.Option(help="Ray Train workers (= --set compute.workers=N)")] = None,
-    gpus_per_worker: Annotated[
-        float | None, typer.Option(help="> 0: CUDA with NCCL and AMP (= --set compute.gpus_per_worker=G)")
-    ] = None,
+    eval_data: EvalDataOption = None,
+    register: RegisterOption = None,
+    address: AddressOption = None,
+    fresh: FreshOption = False,
+    workers: WorkersOption = None,
+    gpus_per_worker: GpusOption = None,
 ) -> None:
     """Train the adaptation job (style + IRB + pseudo-labels [+ adversarial]), export ONNX, optionally register."""
-    from pipelines.local_ray import local_ray
-    from pipelines.segment_flow import train_and_export
     from training.adapt import train as adapt_train
     from training.adapt.config import AdaptJobConfig
-    from training.config import load_config
-    from training.data.sources import DataSpec
 
-    shortcuts = {"compute.workers": workers, "compute.gpus_per_worker": gpus_per_worker}
-    set_ = (set_ or []) + [f"{key}={value}" for key, value in shortcuts.items() if value is not None]
-    cfg = _load(AdaptJobConfig, config, set_, load_config)
-    eval_spec = load_config(DataSpec, eval_data) if eval_data else cfg.val
-    register_as = None
-    if register:
-        name, _, alias = register.partition("@")
-        register_as = (name, alias or None)
-    with local_ray(num_cpus=None, address=address):
-        result = train_and_export(
-            cfg, eval_spec, Path(cfg.runs_dir) / "artifacts", register_as, fresh=fresh, runner=adapt_train.run
-        )
-    console.print(f"ONNX: {result.onnx_path} (parity max |Δ| {result.parity_max_abs_diff:.1e}), run {result.run_id}")
-    if result.summary:
-        console.print(f"mean Dice {result.summary['mean_dice']:.4f}, mean IoU {result.summary['mean_iou']:.4f}")
-    if result.registered_version:
-        console.print(f"registered {register} version {result.registered_version}")
+    _train_export(
+        AdaptJobConfig, adapt_train.run, config, set_, eval_data, register, address, fresh, workers, gpus_per_worker
+    )
 
 
 @app.command()
@@ -138,7 +110,7 @@ def evaluate(
 def sweep(
     config: ConfigOption = None,
     set_: SetOption = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS or local)")] = None,
+    address: AddressOption = None,
 ) -> None:
     """Ray Tune sweep over a job's config: trials as nested MLflow runs, then best_config.yaml, a plot, a summary."""
     from pipelines.sweep_flow import sweep_and_log
@@ -199,6 +171,32 @@ def bench_segment(
 
     report = run_bench(out, real_data, epochs=epochs)
     console.print_json(json.dumps(report))
+
+
+def _train_export(cls, runner, config, set_, eval_data, register, address, fresh, workers, gpus_per_worker) -> None:
+    """What `train` and `adapt` share: config + overrides, a Ray Train run, scoring, ONNX export, registry."""
+    from pipelines.local_ray import local_ray
+    from pipelines.segment_flow import train_and_export
+    from training.config import load_config
+    from training.data.sources import DataSpec
+
+    shortcuts = {"compute.workers": workers, "compute.gpus_per_worker": gpus_per_worker}
+    set_ = (set_ or []) + [f"{key}={value}" for key, value in shortcuts.items() if value is not None]
+    cfg = _load(cls, config, set_, load_config)
+    eval_spec = _load(DataSpec, eval_data, [], load_config) if eval_data else cfg.val
+    register_as = None
+    if register:
+        name, _, alias = register.partition("@")
+        register_as = (name, alias or None)
+    with local_ray(num_cpus=None, address=address):
+        result = train_and_export(
+            cfg, eval_spec, Path(cfg.runs_dir) / "artifacts", register_as, fresh=fresh, runner=runner
+        )
+    console.print(f"ONNX: {result.onnx_path} (parity max |Δ| {result.parity_max_abs_diff:.1e}), run {result.run_id}")
+    if result.summary:
+        console.print(f"mean Dice {result.summary['mean_dice']:.4f}, mean IoU {result.summary['mean_iou']:.4f}")
+    if result.registered_version:
+        console.print(f"registered {register} version {result.registered_version}")
 
 
 def _load(cls, path, overrides, load_config):
