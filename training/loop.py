@@ -73,6 +73,15 @@ def setup_worker(compute: ComputeConfig) -> WorkerContext:
     )
 
 
+def make_optimizer(
+    model: torch.nn.Module, compute: ComputeConfig, context: WorkerContext
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, torch.amp.GradScaler]:
+    """AdamW with a per-epoch cosine schedule, and the AMP grad scaler (a no-op off CUDA): the same for every job."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=compute.lr, weight_decay=compute.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=compute.epochs)
+    return optimizer, scheduler, torch.amp.GradScaler(enabled=context.use_amp)
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 

@@ -131,9 +131,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
     val_images, val_masks = load_data(cfg.val) if (cfg.val and context.is_chief) else (None, None)
 
     model = Segmenter(cfg.model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.compute.lr, weight_decay=cfg.compute.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.compute.epochs)
-    scaler = torch.amp.GradScaler(enabled=context.use_amp)
+    optimizer, scheduler, scaler = loop.make_optimizer(model, cfg.compute, context)
     disc, disc_optimizer = None, None
     if cfg.adversarial.enabled:
         disc = OutputDiscriminator(cfg.model.num_classes, cfg.adversarial.width)
