@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench venv clean
+.PHONY: demo test lint bench venv clean sysdeps
 
 # (Re)create the virtualenv only when the dependency pins change.
 $(STAMP): pyproject.toml requirements.lock
@@ -18,8 +18,18 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/endoflow demo
 
-test: $(STAMP)
+test: $(STAMP) sysdeps
 	$(PY) -m pytest -q tests
+
+# Debian packages some tests drive (headless Chromium for the web page). Installed when missing and we are root;
+# otherwise those tests skip and say why.
+sysdeps:
+	@if ! command -v chromium >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium (Debian) for the web page test"; \
+		(apt-get install -y -qq chromium >/dev/null 2>&1 || \
+		 (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1)) || \
+		echo "sysdeps: could not install chromium; the web page test will skip" >&2; \
+	fi
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check training serving pipelines tests
