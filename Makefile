@@ -70,3 +70,9 @@ images:
 		echo "  Start Docker, or install buildah (apt-get install buildah); see docker/README.md." >&2; \
 		exit 1; \
 	fi
+
+# --- mask propagation: trains runs/artifacts/propagate-bench.pt first if it is missing (~15-20 min on 2 cores) ---
+.PHONY: bench-propagate
+
+bench-propagate: $(STAMP)
+	$(VENV)/bin/endoflow propagate bench --out runs/bench/propagate.json

@@ -8,6 +8,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from pipelines.propagate_cli import app as propagate_app
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="EndoFlow: sim-to-real endoscopy segmentation.")
 console = Console()
 
@@ -156,6 +158,7 @@ def serve(
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that write JSON reports.")
 app.add_typer(bench_app, name="bench")
+app.add_typer(propagate_app, name="propagate")
 
 
 @bench_app.command("segment")

@@ -1,0 +1,130 @@
+"""Propagation benchmark → runs/bench/propagate.json: J&F on simulator sequences and on the vocalfolds sequences
+(first labelled frame given, beside the copy-first-mask baseline), torch/onnxruntime sequence parity, and
+frames/s of the whole stream (encode_key + segment every frame, encode_value every mem_every-th) at 256×256 with
+2 CPU threads for torch and for onnxruntime.
+
+Without --model it uses runs/artifacts/propagate-bench.pt, training it first when missing (`bench_config`: 1500
+clip batches at 256×256, ~8 min on 2 idle cores, far longer when they are shared; a stopped run resumes) on
+simulator data and vocalfolds seq1–3; seq4 is never trained on. Vocalfolds: Laves et al., IJCARS 2019, CC BY 4.0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipelines.local_ray import local_ray
+from pipelines.propagate_flow import evaluate_sequences, named_sequences, sequence_parity, train_and_export
+from training.config import load_config
+from training.data.simulator import simulate_sequences
+from training.data.sources import DataSpec
+from training.models.propagation.network import count_parameters
+from training.propagate import train as propagate_train
+from training.propagate.config import PropagateJobConfig
+from training.propagate.export import OnnxBackend, export_propagation
+from training.propagate.inference import MemoryPolicy, TorchBackend, propagate
+
+TRAIN_SEQUENCES = ["seq1", "seq2", "seq3"]
+
+
+def bench_config(real_root: Path | None, runs_dir: str = "runs") -> PropagateJobConfig:
+    overrides = [
+        "name=propagate-bench",
+        f"runs_dir={runs_dir}",
+        "data.size=256",
+        "data.sim_frames=400",
+        "data.sim_sequences=32",
+        "deform.elastic=0.04",
+        "stage1_epochs=3",
+        "steps_per_epoch=150",
+        "compute.epochs=10",
+    ]
+    if real_root is not None and (real_root / "img").is_dir():
+        overrides.append(f"data.real={{kind: vocalfolds, uri: {real_root}, sequences: [{', '.join(TRAIN_SEQUENCES)}]}}")
+        overrides.append(f"val={{kind: vocalfolds, uri: {real_root}, sequences: [seq4]}}")  # logged, never trained on
+    return load_config(PropagateJobConfig, None, overrides)
+
+
+def stream_fps(backend, frames: np.ndarray, labels: np.ndarray, policy: MemoryPolicy, repeats: int = 2) -> float:
+    """Frames/s of the stream after a warm-up pass (the first pass also sizes the runtimes' buffers)."""
+    propagate(backend, frames, labels, policy)
+    best = 0.0
+    for _ in range(repeats):
+        started = time.perf_counter()
+        propagate(backend, frames, labels, policy)
+        best = max(best, (len(frames) - 1) / (time.perf_counter() - started))
+    return best
+
+
+def bench_propagate(out: Path, model_path: Path | None, real_root: Path | None, threads: int = 2) -> dict:
+    real_root = real_root if real_root is not None and (real_root / "img").is_dir() else None
+    cfg = bench_config(real_root)
+    default = Path(cfg.runs_dir) / "artifacts" / f"{cfg.name}.pt"
+    if model_path is None and default.is_file():
+        model_path = default
+    if model_path is None:
+        with local_ray(num_cpus=None):
+            result = train_and_export(cfg, Path(cfg.runs_dir) / "artifacts")
+        model_path = result.model_path
+    state = torch.load(model_path, map_location="cpu", weights_only=False)
+    model = propagate_train.load_model(state)
+    trained_on = (state["config"]["data"].get("real") or {}).get("sequences") or []
+    policy = MemoryPolicy()
+    torch.set_num_threads(threads)
+    size = int(state["config"]["data"]["size"])  # J&F at the training size; frames/s at 256×256
+    with tempfile.TemporaryDirectory() as directory:
+        graphs = export_propagation(model, Path(directory), "bench", size, policy)
+        onnx = OnnxBackend(graphs, threads=threads)
+        frames, truth = simulate_sequences(6, 30, seed=4242, style="real-like", size=size)
+        sim = evaluate_sequences(onnx, {f"sim{s}": (frames[s], truth[s]) for s in range(len(frames))}, policy)
+        parity = sequence_parity(model, graphs, frames[0], truth[0], policy)
+        frames, truth = simulate_sequences(1, 60, seed=4243, style="real-like", size=256)
+        fps = {
+            "torch": round(stream_fps(TorchBackend(model, policy.top_k), frames[0], truth[0, 0], policy), 1),
+            "onnxruntime": round(stream_fps(onnx, frames[0], truth[0, 0], policy), 1),
+            "objects": int(len(np.unique(truth[0, 0])) - (0 in truth[0, 0])),
+            "frames": 60,
+        }
+        real = None
+        if real_root is not None:
+            spec = DataSpec(kind="vocalfolds", uri=str(real_root), size=size)
+            real = evaluate_sequences(onnx, named_sequences(spec), policy)
+            for name, scores in real["sequences"].items():
+                scores["trained_on"] = name.split("/")[-1] in trained_on
+            held_out = [s for s in real["sequences"].values() if not s["trained_on"]]
+            real["held_out_mean_jf"] = float(np.mean([s["J&F"] for s in held_out])) if held_out else None
+            real["held_out_copy_first_jf"] = (
+                float(np.mean([s["copy_first"]["J&F"] for s in held_out])) if held_out else None
+            )
+    report = {
+        "model": str(model_path),
+        "parameters": count_parameters(model),
+        "train_size": state["config"]["data"]["size"],
+        "trained_on_real_sequences": trained_on,
+        "eval_size": size,
+        "policy": policy.model_dump(),
+        "sim_mean": sim["mean"],
+        "sim_copy_first_mean": sim["copy_first_mean"],
+        "real_held_out_mean_jf": real and real["held_out_mean_jf"],
+        "real_held_out_copy_first_jf": real and real["held_out_copy_first_jf"],
+        "real_sequences": real and real["sequences"],
+        "parity": parity,
+        "frames_per_second_256": fps,
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "threads": threads,
+            "load_average_1m": round(os.getloadavg()[0], 2),
+            "python": platform.python_version(),
+            "note": "shared 2-core machine, loaded by other jobs during the run",
+        },
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    return report

@@ -1,0 +1,289 @@
+"""`endoflow propagate …`: train the propagation network, run it on a video or a CT volume, evaluate it on labelled
+sequences (beside the copy-first-mask baseline), write pseudo-labels, benchmark it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(no_args_is_help=True, help="Mask propagation (STCN-style space-time memory network).")
+console = Console()
+
+ModelOption = Annotated[Path, typer.Option(help="ONNX graph (or their directory) or a torch checkpoint .pt")]
+SizeOption = Annotated[
+    int | None, typer.Option(help="frames are resized to size×size, a multiple of 16 (default: the training size)")
+]
+MemEveryOption = Annotated[int, typer.Option(help="every N-th frame enters the memory")]
+MaxMemoryOption = Annotated[int, typer.Option(help="memory bound in frames (the key frame always stays)")]
+TopKOption = Annotated[int, typer.Option(help="top-k memory read for torch checkpoints (0: all)")]
+ThreadsOption = Annotated[int | None, typer.Option(help="CPU threads for inference")]
+SequencesOption = Annotated[list[str] | None, typer.Option("--sequence", help="vocalfolds sequence, repeatable")]
+
+
+def _policy(mem_every: int, max_memory: int, top_k: int):
+    from training.propagate.inference import MemoryPolicy
+
+    return MemoryPolicy(mem_every=mem_every, max_memory=max_memory, top_k=top_k or None)
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[red]error:[/red] {exc}")
+    raise typer.Exit(2) from exc
+
+
+def _spec(data: Path, layout: str, sequences: list[str] | None, size: int):
+    from training.data.sources import DataSpec
+
+    if layout not in ("vocalfolds", "folder"):
+        _fail(ValueError(f"--layout {layout!r}: expected vocalfolds or folder"))
+    return DataSpec(kind=layout, uri=str(data), sequences=sequences, size=size)
+
+
+@app.command()
+def train(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="override, e.g. compute.epochs=3")] = None,
+    eval_data: Annotated[Path | None, typer.Option(help="vocalfolds root to evaluate on")] = None,
+    eval_sequence: Annotated[
+        list[str] | None, typer.Option("--eval-sequence", help="vocalfolds sequence to evaluate, repeatable")
+    ] = None,
+    register: Annotated[str | None, typer.Option(help="register the graphs as NAME-<graph>[@ALIAS]")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS or local)")] = None,
+    fresh: Annotated[bool, typer.Option(help="start over instead of resuming a run of the same name")] = False,
+    workers: Annotated[int | None, typer.Option(help="Ray Train workers (= --set compute.workers=N)")] = None,
+) -> None:
+    """Train (Ray Train; resumes a run of the same name), export the three ONNX graphs, check parity, register."""
+    from pipelines.local_ray import local_ray
+    from pipelines.propagate_flow import train_and_export
+    from training.config import ConfigError, load_config
+    from training.propagate.config import PropagateJobConfig
+
+    overrides = (set_ or []) + ([f"compute.workers={workers}"] if workers else [])
+    try:
+        cfg = load_config(PropagateJobConfig, config, overrides)
+    except ConfigError as exc:
+        _fail(exc)
+    eval_spec = _spec(eval_data, "vocalfolds", eval_sequence, cfg.data.size) if eval_data else None
+    register_as = None
+    if register:
+        name, _, alias = register.partition("@")
+        register_as = (name, alias or None)
+    with local_ray(num_cpus=None, address=address):
+        result = train_and_export(cfg, Path(cfg.runs_dir) / "artifacts", eval_spec, register_as, fresh=fresh)
+    console.print(f"model {result.model_path} ({result.parameters} parameters), run {result.run_id}")
+    console.print(f"ONNX: {', '.join(str(p) for p in result.graphs.paths.values())}")
+    console.print(f"sequence parity: J&F torch {result.parity['jf_torch']:.4f} onnx {result.parity['jf_onnx']:.4f}")
+    if result.evaluation:
+        mean, base = result.evaluation["mean"], result.evaluation["copy_first_mean"]
+        console.print(f"J&F {mean['J&F']:.4f} (copy-first baseline {base['J&F']:.4f})")
+    if result.registered_versions:
+        console.print(f"registered {register}: {result.registered_versions}")
+
+
+@app.command()
+def evaluate(
+    model: ModelOption,
+    data: Annotated[Path, typer.Option(help="dataset root")],
+    layout: Annotated[str, typer.Option(help="vocalfolds or folder (images/<seq>/, masks/<seq>/)")] = "vocalfolds",
+    sequences: SequencesOption = None,
+    out: Path = Path("runs/propagate/evaluate.json"),
+    size: SizeOption = None,
+    mem_every: MemEveryOption = 5,
+    max_memory: MaxMemoryOption = 8,
+    top_k: TopKOption = 20,
+    threads: ThreadsOption = None,
+) -> None:
+    """Per sequence: the first labelled frame given, the rest propagated; J, F, J&F and the copy-first baseline."""
+    from pipelines.propagate_flow import evaluate_sequences, load_backend, named_sequences, trained_size
+    from training.data.folders import DataError
+
+    policy = _policy(mem_every, max_memory, top_k)
+    try:
+        backend = load_backend(model, policy, threads)
+        size = size or trained_size(model)
+        report = evaluate_sequences(backend, named_sequences(_spec(data, layout, sequences, size)), policy)
+    except (DataError, FileNotFoundError, ValueError) as exc:
+        _fail(exc)
+    report |= {"model": str(model), "data": str(data), "layout": layout, "size": size}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    for name, scores in report["sequences"].items():
+        console.print(f"{name}: J&F {scores['J&F']:.4f} (copy-first {scores['copy_first']['J&F']:.4f})")
+    mean, base = report["mean"], report["copy_first_mean"]
+    console.print(f"mean J&F {mean['J&F']:.4f} J {mean['J']:.4f} F {mean['F']:.4f} (copy-first J&F {base['J&F']:.4f})")
+    console.print(f"report: {out}")
+
+
+@app.command()
+def run(
+    model: ModelOption,
+    input: Annotated[Path, typer.Option("--input", help="a folder of frames, or a NIfTI volume (.nii/.nii.gz)")],
+    out: Annotated[Path, typer.Option(help="output folder")],
+    mask: Annotated[Path | None, typer.Option(help="label map PNG of the key frame (video)")] = None,
+    segmenter: Annotated[Path | None, typer.Option(help="segmentation ONNX that labels the key frame")] = None,
+    key_index: Annotated[int, typer.Option(help="key frame (video) index; -1: the middle frame")] = 0,
+    labels: Annotated[Path | None, typer.Option(help="NIfTI labels holding the annotated key slices")] = None,
+    key_slices: Annotated[str | None, typer.Option(help="comma-separated slice indices (default: middle)")] = None,
+    size: SizeOption = None,
+    mem_every: MemEveryOption = 5,
+    max_memory: MaxMemoryOption = 8,
+    top_k: TopKOption = 20,
+) -> None:
+    """Propagate: video frames + a key-frame mask → a label PNG per frame (forward, or both ways from a middle key
+    frame); a CT volume + annotated key slices → a NIfTI label volume (both directions through the slices)."""
+    from pipelines.propagate_flow import load_backend, trained_size
+    from training.data.folders import DataError
+
+    policy = _policy(mem_every, max_memory, top_k)
+    try:
+        backend = load_backend(model, policy)
+        size = size or trained_size(model)
+        if input.name.endswith((".nii", ".nii.gz")):
+            written = _run_volume(backend, input, labels, key_slices, out, policy, size)
+        else:
+            written = _run_video(backend, input, mask, segmenter, key_index, out, policy, size)
+    except (DataError, FileNotFoundError, ValueError) as exc:
+        _fail(exc)
+    console.print(f"wrote {written}")
+
+
+def _run_video(backend, folder, mask, segmenter, key_index, out, policy, size) -> str:
+    import numpy as np
+
+    from training.data import storage
+    from training.data.folders import IMAGE_SUFFIXES, _png, load_image, load_mask
+    from training.propagate.inference import propagate_both_ways, resize_frames, resize_labels
+    from training.propagate.pseudo_labels import OnnxReferenceSegmenter
+
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"{folder}: no frames; expected a folder of .png/.jpg frames in time order")
+    originals = [load_image(str(p)) for p in files]
+    height, width = originals[0].shape[:2]
+    frames = resize_frames(np.stack([np.asarray(_resize_rgb(f, width, height)) for f in originals]), size)
+    key_index = len(frames) // 2 if key_index < 0 else key_index
+    if mask is not None:
+        key_labels = resize_labels(load_mask(str(mask))[None], size, size)[0]
+    elif segmenter is not None:
+        key_labels = OnnxReferenceSegmenter(segmenter)(frames[key_index : key_index + 1])[0].argmax(0).astype(np.uint8)
+    else:
+        raise ValueError("give the key frame's labels: --mask PNG or --segmenter ONNX")
+    labels, _ = propagate_both_ways(backend, frames, key_labels, key_index, policy)
+    labels = resize_labels(labels, height, width)
+    for path, label in zip(files, labels, strict=True):
+        storage.write_bytes(str(out / f"{path.stem}.png"), _png(label))
+    return f"{len(files)} label maps to {out} (key frame {files[key_index].name})"
+
+
+def _resize_rgb(frame, width: int, height: int):
+    from PIL import Image
+
+    return frame if frame.shape[:2] == (height, width) else Image.fromarray(frame).resize((width, height))
+
+
+def _run_volume(backend, image_path, labels_path, key_slices, out, policy, size) -> str:
+    import numpy as np
+
+    from training.data.volumes import read_case, write_nifti
+    from training.propagate.inference import propagate_volume
+    from training.propagation_metrics import dice, normalized_surface_dice
+
+    if labels_path is None:
+        raise ValueError("a volume needs --labels: a NIfTI holding the annotated key slices")
+    volume = read_case(image_path, labels_path)
+    annotated = [z for z in range(volume.hu.shape[2]) if volume.labels[:, :, z].any()]
+    if key_slices:
+        keys = [int(z) for z in key_slices.split(",")]
+    elif annotated:
+        keys = [annotated[len(annotated) // 2]]
+    else:
+        raise ValueError(f"{labels_path}: no labelled slice to start from")
+    predicted = propagate_volume(backend, volume.hu, {z: volume.labels[:, :, z] for z in keys}, policy, size)
+    path = write_nifti(out / f"{volume.name}.nii.gz", predicted, volume.spacing)
+    scores = {}
+    if len(annotated) > len(keys):  # a fully labelled volume: score every organ, beside copying the key slice
+        nearest = [min(keys, key=lambda k: abs(k - z)) for z in range(volume.hu.shape[2])]
+        copied = volume.labels[:, :, nearest]
+        for organ in [int(o) for o in np.unique(volume.labels) if o]:
+            truth, pred = volume.labels == organ, predicted == organ
+            scores[str(organ)] = {
+                "dice": dice(truth, pred),
+                "nsd_2mm": normalized_surface_dice(truth, pred, 2.0, volume.spacing),
+                "copy_key_slice_dice": dice(truth, copied == organ),
+            }
+        (out / f"{volume.name}_scores.json").write_text(json.dumps({"key_slices": keys, "organs": scores}, indent=2))
+    shown = " ".join(f"{k}:{v['dice']:.3f}" for k, v in scores.items())
+    return f"{path} (key slices {keys}){' Dice ' + shown if scores else ''}"
+
+
+@app.command("pseudo-label")
+def pseudo_label(
+    model: ModelOption,
+    segmenter: Annotated[Path, typer.Option(help="segmentation ONNX (the reference segmenter)")],
+    data: Annotated[Path, typer.Option(help="frames: a vocalfolds or folder dataset root")],
+    out: Annotated[Path, typer.Option(help="output dataset folder")],
+    layout: Annotated[str, typer.Option(help="vocalfolds or folder")] = "vocalfolds",
+    sequences: SequencesOption = None,
+    threshold: Annotated[float, typer.Option(help="largest mutual-agreement uncertainty kept")] = 0.3,
+    key_every: Annotated[int, typer.Option(help="every k-th frame is a key frame")] = 10,
+    min_kept: Annotated[float, typer.Option(help="a frame is written if this fraction of it is kept")] = 0.5,
+    size: SizeOption = None,
+    check_truth: Annotated[bool, typer.Option(help="vocalfolds: score kept pixels against the annotations")] = True,
+) -> None:
+    """The segmenter labels key frames, propagation fills the rest, agreeing pixels are kept (others: keep/ = 0)."""
+    from pipelines.propagate_flow import load_backend, trained_size
+    from training.data.folders import DataError, folder_index, vocalfolds_index
+    from training.data.sources import DataSpec
+    from training.propagate.pseudo_labels import (
+        OnnxReferenceSegmenter,
+        PseudoLabelConfig,
+        pseudo_label_sequence,
+        truth_check,
+        write_pseudo_dataset,
+    )
+    from training.propagate.sequences import labelled_sequences, sequence_names, unlabelled_sequences
+
+    cfg = PseudoLabelConfig(threshold=threshold, key_every=key_every, min_kept=min_kept)
+    try:
+        backend = load_backend(model, cfg.memory)
+        size = size or trained_size(model)
+        reference = OnnxReferenceSegmenter(segmenter)
+        index = (
+            vocalfolds_index(str(data), sequences=sequences, labelled=False)
+            if layout == "vocalfolds"
+            else folder_index(str(data))
+        )
+        truths = {}
+        if layout == "vocalfolds" and check_truth:  # labelled: measure what the threshold keeps
+            spec = DataSpec(kind="vocalfolds", uri=str(data), sequences=sequences, size=size)
+            truths = dict(zip(sequence_names(spec), (m for _, m in labelled_sequences(spec)), strict=True))
+        results, checks = {}, {}
+        for name, frames, frame_names in unlabelled_sequences(index, size):
+            results[name] = (frames, frame_names, pseudo_label_sequence(backend, frames, reference(frames), cfg))
+            if name in truths:
+                checks[name] = truth_check(truths[name], results[name][2])
+            console.print(f"{name}: {len(frames)} frames {checks.get(name, '')}")
+        summary = write_pseudo_dataset(str(out), results, cfg)
+    except (DataError, FileNotFoundError, ValueError) as exc:
+        _fail(exc)
+    if checks:
+        summary["truth_check"] = checks
+        (out / "pseudo_labels.json").write_text(json.dumps(summary, indent=2))
+    console.print(f"{summary['frames_written']} frames, {summary['pixels_kept']:.1%} of their pixels kept → {out}")
+
+
+@app.command()
+def bench(
+    out: Path = Path("runs/bench/propagate.json"),
+    model: Annotated[Path | None, typer.Option(help="trained checkpoint .pt (default: train a quick one)")] = None,
+    real_data: Annotated[Path | None, typer.Option(help="vocalfolds root")] = Path("../shared/data/vocalfolds"),
+) -> None:
+    """J&F on simulator sequences and vocalfolds, frames/s at 256×256 for torch and onnxruntime (2 threads)."""
+    from pipelines.bench_propagate import bench_propagate
+
+    report = bench_propagate(out, model, real_data)
+    console.print_json(json.dumps({k: v for k, v in report.items() if k != "real_sequences"}))

@@ -1,0 +1,176 @@
+"""Mask propagation end to end: MLflow run → Ray Train job → ONNX export + sequence parity → registry → evaluation.
+
+Also the pieces the CLI and the benchmark share: loading a model as a backend (torch checkpoint or ONNX graphs),
+and scoring sequences by J&F with the first labelled frame given, beside the copy-first-mask baseline.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+
+from training import tracking
+from training.config import to_yaml
+from training.data.simulator import simulate_sequences
+from training.data.sources import DataSpec
+from training.models.propagation.network import count_parameters
+from training.propagate import train as propagate_train
+from training.propagate.config import PropagateJobConfig
+from training.propagate.export import (
+    GRAPHS,
+    ExportedGraphs,
+    OnnxBackend,
+    export_propagation,
+    graph_metadata,
+    load_graphs,
+)
+from training.propagate.inference import MemoryPolicy, TorchBackend, propagate
+from training.propagate.sequences import labelled_sequences, sequence_names
+from training.propagation_metrics import j_and_f
+
+
+@dataclass
+class PropagateResult:
+    run_id: str
+    model_path: Path
+    graphs: ExportedGraphs
+    parity: dict
+    evaluation: dict | None
+    train_seconds: float
+    parameters: int
+    registered_versions: dict[str, str] = field(default_factory=dict)
+
+
+def save_model(model: torch.nn.Module, cfg: PropagateJobConfig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "config": cfg.model_dump(mode="json")}, path)
+    return path
+
+
+def load_backend(model: Path, policy: MemoryPolicy, threads: int | None = None):
+    """A torch checkpoint (.pt: training state or save_model's file) or the ONNX graphs (one of them, or their
+    directory). Torch backends use the policy's top_k; ONNX graphs have theirs baked in."""
+    model = Path(model)
+    if model.suffix == ".pt":
+        if not model.is_file():
+            raise FileNotFoundError(f"{model}: not found; expected a propagation checkpoint")
+        state = torch.load(model, map_location="cpu", weights_only=False)
+        if threads:
+            torch.set_num_threads(threads)
+        return TorchBackend(propagate_train.load_model(state), policy.top_k)
+    return OnnxBackend(load_graphs(model), threads=threads)
+
+
+def trained_size(model: Path) -> int:
+    """The frame side the model was trained at (a checkpoint's data.size, or the graphs' endoflow.input_size)."""
+    model = Path(model)
+    if model.suffix == ".pt":
+        return int(torch.load(model, map_location="cpu", weights_only=False)["config"]["data"]["size"])
+    return int(json.loads(graph_metadata(load_graphs(model)["segment"])["endoflow.input_size"])[0])
+
+
+def score_sequence(backend, frames: np.ndarray, truth: np.ndarray, policy: MemoryPolicy) -> dict:
+    """The first frame's labels given, the rest propagated and scored; the copy-first-mask baseline beside it."""
+    objects = [int(c) for c in np.unique(truth[0]) if c != 0]
+    started = time.perf_counter()
+    labels, confidence = propagate(backend, frames, truth[0], policy)
+    seconds = time.perf_counter() - started
+    copy = np.repeat(truth[:1], len(truth) - 1, axis=0)
+    ours, baseline = j_and_f(truth[1:], labels[1:], objects), j_and_f(truth[1:], copy, objects)
+    return {
+        "frames": len(frames),
+        "objects": objects,
+        "J": ours["J"],
+        "F": ours["F"],
+        "J&F": ours["J&F"],
+        "copy_first": {"J": baseline["J"], "F": baseline["F"], "J&F": baseline["J&F"]},
+        "per_object_J": {str(k): v["J"] for k, v in ours["objects"].items()},
+        "frames_per_second": (len(frames) - 1) / seconds,
+        "labels": labels,
+        "confidence": confidence,
+    }
+
+
+def evaluate_sequences(backend, sequences: dict[str, tuple[np.ndarray, np.ndarray]], policy: MemoryPolicy) -> dict:
+    """Per-sequence scores (without label maps) and their means."""
+    per_sequence = {}
+    for name, (frames, truth) in sequences.items():
+        scores = score_sequence(backend, frames, truth, policy)
+        scores.pop("labels"), scores.pop("confidence")
+        per_sequence[name] = scores
+    mean = {key: float(np.mean([s[key] for s in per_sequence.values()])) for key in ("J", "F", "J&F")}
+    baseline = {k: float(np.mean([s["copy_first"][k] for s in per_sequence.values()])) for k in ("J", "F", "J&F")}
+    return {"mean": mean, "copy_first_mean": baseline, "sequences": per_sequence, "policy": policy.model_dump()}
+
+
+def named_sequences(spec: DataSpec) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    return dict(zip(sequence_names(spec), labelled_sequences(spec), strict=True))
+
+
+def sequence_parity(model, graphs: ExportedGraphs, frames: np.ndarray, truth: np.ndarray, policy: MemoryPolicy) -> dict:
+    """One whole sequence through torch and through onnxruntime: J&F of each and their difference."""
+    torch_scores = score_sequence(TorchBackend(model, policy.top_k), frames, truth, policy)
+    onnx_scores = score_sequence(OnnxBackend(graphs), frames, truth, policy)
+    return {
+        "jf_torch": torch_scores["J&F"],
+        "jf_onnx": onnx_scores["J&F"],
+        "jf_abs_diff": abs(torch_scores["J&F"] - onnx_scores["J&F"]),
+        "label_agreement": float(np.mean(torch_scores["labels"] == onnx_scores["labels"])),
+        "confidence_max_abs_diff": float(np.abs(torch_scores["confidence"] - onnx_scores["confidence"]).max()),
+    }
+
+
+def train_and_export(
+    cfg: PropagateJobConfig,
+    out_dir: Path,
+    eval_spec: DataSpec | None = None,
+    register_as: tuple[str, str | None] | None = None,
+    fresh: bool = False,
+) -> PropagateResult:
+    """Train (resuming a run of the same name unless `fresh`), export the graphs, check parity, register, score."""
+    tracking_uri = tracking.use_tracking(cfg.tracking, cfg.runs_dir)
+    if fresh:
+        shutil.rmtree(Path(cfg.runs_dir) / "ray" / cfg.name, ignore_errors=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with mlflow.start_run(run_name=cfg.name) as run:
+        cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"run_id": run.info.run_id})})
+        tracking.log_config(cfg)
+        (out_dir / f"{cfg.name}.yaml").write_text(to_yaml(cfg))
+        started = time.perf_counter()
+        trained = propagate_train.run(cfg, tracking_uri)
+        train_seconds = time.perf_counter() - started
+        mlflow.log_metric("train_seconds", train_seconds)
+        model_path = save_model(trained.model, cfg, out_dir / f"{cfg.name}.pt")
+
+        graphs = export_propagation(trained.model, out_dir, cfg.name, cfg.data.size, cfg.memory, run.info.run_id)
+        frames, truth = simulate_sequences(1, 12, seed=cfg.data.sim_seed + 777, style="real-like", size=cfg.data.size)
+        parity = sequence_parity(trained.model, graphs, frames[0], truth[0], cfg.memory)
+        mlflow.log_metrics({"onnx_parity_jf_abs_diff": parity["jf_abs_diff"]})
+        evaluation = None
+        if eval_spec is not None:
+            evaluation = evaluate_sequences(OnnxBackend(graphs), named_sequences(eval_spec), cfg.memory)
+            mlflow.log_metrics(
+                {"eval_jf": evaluation["mean"]["J&F"], "eval_copy_first_jf": evaluation["copy_first_mean"]["J&F"]}
+            )
+            (out_dir / f"{cfg.name}_eval.json").write_text(json.dumps(evaluation, indent=2))
+        versions = {}
+        if register_as is not None:
+            for graph in GRAPHS:
+                versions[graph] = tracking.register_onnx(graphs[graph], f"{register_as[0]}-{graph}", register_as[1])
+        return PropagateResult(
+            run_id=run.info.run_id,
+            model_path=model_path,
+            graphs=graphs,
+            parity=parity,
+            evaluation=evaluation,
+            train_seconds=train_seconds,
+            parameters=count_parameters(trained.model),
+            registered_versions=versions,
+        )

@@ -1,0 +1,71 @@
+"""Hand-made cases for J, boundary F, Dice and NSD."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from training.propagation_metrics import boundary, boundary_f, dice, j_and_f, normalized_surface_dice, region_j
+
+
+def square(size: int, top: int, left: int, side: int) -> np.ndarray:
+    mask = np.zeros((size, size), bool)
+    mask[top : top + side, left : left + side] = True
+    return mask
+
+
+def test_region_j_and_dice_by_hand():
+    a = square(10, 0, 0, 4)  # 16 pixels
+    b = square(10, 2, 0, 4)  # overlaps a in 8
+    assert region_j(a, b) == pytest.approx(8 / 24)
+    assert dice(a, b) == pytest.approx(16 / 32)
+    assert region_j(a, a) == 1.0 and dice(a, a) == 1.0
+    empty = np.zeros_like(a)
+    assert region_j(empty, empty) == 1.0 and dice(empty, empty) == 1.0
+    assert region_j(a, empty) == 0.0 and dice(empty, a) == 0.0
+
+
+def test_boundary_is_the_inner_contour():
+    edge = boundary(square(8, 2, 2, 4))
+    assert edge.sum() == 12  # a 4×4 square's ring
+    assert not edge[3:5, 3:5].any()
+
+
+def test_boundary_f_tolerance():
+    a = square(100, 20, 20, 40)
+    shifted = square(100, 21, 20, 40)  # one pixel: within ceil(0.008 · 141) = 2 pixels
+    assert boundary_f(a, shifted) == pytest.approx(1.0)
+    far = square(100, 30, 20, 40)  # ten pixels: the top and bottom rows miss, the sides mostly match
+    value = boundary_f(a, far)
+    assert 0.3 < value < 0.9
+    assert boundary_f(a, np.zeros_like(a)) == 0.0
+    assert boundary_f(np.zeros_like(a), np.zeros_like(a)) == 1.0
+
+
+def test_nsd_uses_spacing():
+    truth = np.zeros((4, 20, 20), bool)
+    truth[1:3, 5:15, 5:15] = True
+    pred = np.roll(truth, 2, axis=2)  # 2 voxels along x
+    # 1 mm voxels: a 2 mm shift is within a 2 mm tolerance everywhere, not within 1 mm.
+    assert normalized_surface_dice(truth, pred, 2.0, (1, 1, 1)) == pytest.approx(1.0)
+    assert normalized_surface_dice(truth, pred, 1.0, (1, 1, 1)) < 1.0
+    # 0.5 mm voxels along x: the same shift is 1 mm.
+    assert normalized_surface_dice(truth, pred, 1.0, (1, 1, 0.5)) == pytest.approx(1.0)
+    assert normalized_surface_dice(truth, np.zeros_like(truth), 1.0) == 0.0
+    with pytest.raises(ValueError, match="spacing"):
+        normalized_surface_dice(truth, pred, 1.0, (1, 1))
+
+
+def test_j_and_f_per_object_mean():
+    truth = np.zeros((2, 50, 50), np.uint8)
+    truth[:, 10:20, 10:20] = 1
+    truth[:, 30:40, 30:40] = 3
+    pred = truth.copy()
+    pred[1][pred[1] == 3] = 0  # object 3 lost in the second frame
+    scores = j_and_f(truth, pred, objects=[1, 3])
+    assert scores["objects"][1]["J"] == 1.0 and scores["objects"][1]["F"] == 1.0
+    assert scores["objects"][3]["J"] == pytest.approx(0.5) and scores["objects"][3]["F"] == pytest.approx(0.5)
+    assert scores["J&F"] == pytest.approx(0.75)
+    assert math.isnan(j_and_f(truth, pred, objects=[])["J&F"])

@@ -1,0 +1,104 @@
+"""The propagation network: shapes, multi-object aggregation, the memory read (L2 affinity, top-k), the memory
+policy's bound, and bidirectional propagation from a key frame."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from training.models.propagation.memory import affinity, readout
+from training.models.propagation.network import PropagationConfig, PropagationNet, flatten_memory
+from training.propagate.inference import MemoryPolicy, TorchBackend, propagate, propagate_both_ways
+
+SMALL = PropagationConfig(key_dim=8, value_dim=16, c4=8, c8=16, c16=24, decoder_width=16)
+
+
+@pytest.fixture(scope="module")
+def model() -> PropagationNet:
+    torch.manual_seed(0)
+    return PropagationNet(SMALL).eval()
+
+
+def test_shapes_and_multi_object_probabilities(model):
+    frames = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        key, f16, f8, f4 = model.encode_key(frames)
+        assert key.shape == (2, 8, 4, 6) and f16.shape == (2, 24, 4, 6)
+        assert f8.shape == (2, 16, 8, 12) and f4.shape == (2, 8, 16, 24)
+        values = model.encode_value(frames, f16, torch.rand(2, 3, 64, 96))
+        assert values.shape == (2, 3, 16, 4, 6)  # (B, N, Dv, h, w)
+        memory_keys, memory_values = flatten_memory(torch.stack([key, key], 1), torch.stack([values, values], 2))
+        assert memory_keys.shape == (2, 8, 48) and memory_values.shape == (2, 3, 16, 48)
+        logits = model.segment(key, f16, f8, f4, memory_keys, memory_values, top_k=5)
+    assert logits.shape == (2, 4, 64, 96)  # background + 3 objects
+    probs = logits.softmax(1)
+    assert torch.allclose(probs.sum(1), torch.ones(2, 64, 96), atol=1e-5)
+
+
+def test_training_forward_has_gradients(model):
+    model.train()
+    frames = torch.randn(2, 3, 3, 32, 32)
+    logits = model(frames, torch.rand(2, 2, 32, 32))
+    assert logits.shape == (2, 2, 3, 32, 32)  # (B, K − 1, N + 1, H, W)
+    logits.mean().backward()
+    assert model.value_encoder.fuse[0][0].weight.grad is not None
+    model.zero_grad()
+    model.eval()
+
+
+def test_affinity_is_softmax_of_negative_squared_distance():
+    torch.manual_seed(1)
+    memory, query = torch.randn(1, 4, 10), torch.randn(1, 4, 3)
+    expected = (-((memory[0, :, None, :] - query[0, :, :, None]) ** 2).sum(0) / 2).softmax(1)  # (Q, M); sqrt(Dk) = 2
+    assert torch.allclose(affinity(memory, query)[0], expected, atol=1e-6)
+
+
+def test_top_k_keeps_k_memory_positions_per_query():
+    torch.manual_seed(2)
+    memory, query = torch.randn(1, 4, 50), torch.randn(1, 4, 7)
+    weights = affinity(memory, query, top_k=5)
+    assert weights.shape == (1, 7, 50) and ((weights > 0).sum(2) == 5).all()
+    assert torch.allclose(weights.sum(2), torch.ones(1, 7))
+    assert torch.allclose(affinity(memory, query, top_k=500), affinity(memory, query))  # k ≥ M: all positions
+    values = torch.randn(1, 2, 3, 50)
+    assert readout(weights, values).shape == (1, 2, 3, 7)
+
+
+class CountingBackend(TorchBackend):
+    """Records how many memory frames each segment call reads."""
+
+    def __init__(self, model, top_k):
+        super().__init__(model, top_k)
+        self.memory_sizes = []
+
+    def segment(self, key, f16, f8, f4, memory_keys, memory_values):
+        self.memory_sizes.append(memory_keys.shape[0])
+        assert memory_values.shape[1] == memory_keys.shape[0]
+        return super().segment(key, f16, f8, f4, memory_keys, memory_values)
+
+
+def test_memory_policy_is_bounded(model):
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 255, (20, 32, 32, 3), dtype=np.uint8)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[4:12, 4:12], mask[20:30, 18:28] = 1, 4
+    backend = CountingBackend(model, top_k=10)
+    labels, confidence = propagate(backend, frames, mask, MemoryPolicy(mem_every=2, max_memory=3))
+    assert labels.shape == (20, 32, 32) and set(np.unique(labels)) <= {0, 1, 4}
+    assert (labels[0] == mask).all() and (confidence[0] == 1).all()
+    # frame t reads 1 + (t − 1) // 2 frames until the bound of 3 is reached
+    assert backend.memory_sizes[:5] == [1, 1, 2, 2, 3] and max(backend.memory_sizes) == 3
+
+
+def test_bidirectional_from_a_middle_key_frame(model):
+    rng = np.random.default_rng(1)
+    frames = rng.integers(0, 255, (9, 32, 32, 3), dtype=np.uint8)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 3
+    labels, _ = propagate_both_ways(TorchBackend(model, None), frames, mask, 4, MemoryPolicy())
+    assert labels.shape == (9, 32, 32) and (labels[4] == mask).all()
+    with pytest.raises(ValueError, match="outside"):
+        propagate_both_ways(TorchBackend(model, None), frames, mask, 9, MemoryPolicy())
+    with pytest.raises(ValueError, match="multiples of 16"):
+        propagate(TorchBackend(model, None), frames[:, :30], mask[:30], MemoryPolicy())

@@ -1,0 +1,175 @@
+"""Propagation inference in torch: a bounded space-time memory, video forward and bidirectional from a key frame,
+and volumes slice by slice in both directions from annotated or key slices.
+
+Frames are uint8 (T, H, W, 3) with H, W multiples of 16; label maps are uint8 (T, H, W) whose non-zero values are
+the objects (0 is background). The memory policy and the stream are exactly what training/propagate/export.py's
+contract tells an onnxruntime client to do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from training.config import StrictModel
+from training.data.normalize import IMAGENET_MEAN, IMAGENET_STD
+from training.models.propagation.network import KEY_STRIDE, PropagationNet
+
+_MEAN = np.array(IMAGENET_MEAN, np.float32).reshape(1, 3, 1, 1)
+_STD = np.array(IMAGENET_STD, np.float32).reshape(1, 3, 1, 1)
+
+
+class MemoryPolicy(StrictModel):
+    """Which frames enter the memory: the key frame always, then every `mem_every`-th frame, at most `max_memory`
+    frames (the oldest non-key frame leaves first). top_k: each query position reads its k best memory positions."""
+
+    mem_every: int = Field(5, ge=1)
+    max_memory: int = Field(8, ge=1)
+    top_k: int | None = Field(20, ge=1)
+
+
+# A "backend" turns the three graph calls into numpy in, numpy out, so torch and onnxruntime streams share this code.
+EncodeKey = Callable[[np.ndarray], tuple[np.ndarray, ...]]
+EncodeValue = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+Segment = Callable[..., np.ndarray]
+
+
+class TorchBackend:
+    """The model's three graphs on numpy arrays with the contract's shapes (see export.py)."""
+
+    def __init__(self, model: PropagationNet, top_k: int | None) -> None:
+        self.model = model.eval()
+        self.top_k = top_k
+
+    @torch.no_grad()
+    def encode_key(self, image: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(t.numpy() for t in self.model.encode_key(torch.from_numpy(image)))
+
+    @torch.no_grad()
+    def encode_value(self, image: np.ndarray, f16: np.ndarray, masks_n1hw: np.ndarray) -> np.ndarray:
+        masks = torch.from_numpy(masks_n1hw)[:, 0].unsqueeze(0)
+        return self.model.encode_value(torch.from_numpy(image), torch.from_numpy(f16), masks)[0].numpy()
+
+    @torch.no_grad()
+    def segment(self, key, f16, f8, f4, memory_keys_tdhw, memory_values_ntdhw) -> np.ndarray:
+        t, dk = memory_keys_tdhw.shape[:2]
+        n, _, dv = memory_values_ntdhw.shape[:3]
+        keys = torch.from_numpy(memory_keys_tdhw).permute(1, 0, 2, 3).reshape(1, dk, -1)
+        values = torch.from_numpy(memory_values_ntdhw).permute(0, 2, 1, 3, 4).reshape(1, n, dv, -1)
+        tensors = [torch.from_numpy(a) for a in (key, f16, f8, f4)]
+        return self.model.segment_probs(*tensors, keys, values, self.top_k).numpy()
+
+
+def prepare_frame(frame_hw3: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3) → normalised float32 (1, 3, H, W)."""
+    height, width = frame_hw3.shape[:2]
+    if height % KEY_STRIDE or width % KEY_STRIDE:
+        raise ValueError(f"frames are {width}x{height}; expected sides that are multiples of {KEY_STRIDE}")
+    unit = frame_hw3.astype(np.float32).transpose(2, 0, 1)[None] / 255.0
+    return ((unit - _MEAN) / _STD).astype(np.float32)  # numpy: no torch thread pool competing with onnxruntime
+
+
+def one_hot(labels_hw: np.ndarray, objects: Sequence[int]) -> np.ndarray:
+    """(N, 1, H, W) float32 masks of `objects` in a label map."""
+    return np.stack([(labels_hw == o) for o in objects])[:, None].astype(np.float32)
+
+
+def propagate(
+    backend,
+    frames_thw3: np.ndarray,
+    key_labels_hw: np.ndarray,
+    policy: MemoryPolicy,
+    objects: Sequence[int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stream frames[0] (with its given labels) → frames[-1]: label maps (T, H, W) uint8 and the winning class's
+    probability (T, H, W) float32 (1 on the key frame)."""
+    objects = [int(o) for o in (objects if objects is not None else np.unique(key_labels_hw)) if o != 0]
+    labels = np.zeros(frames_thw3.shape[:3], np.uint8)
+    confidence = np.ones(frames_thw3.shape[:3], np.float32)
+    labels[0] = np.where(np.isin(key_labels_hw, objects), key_labels_hw, 0)
+    if not objects:
+        return labels, confidence
+    lookup = np.array([0, *objects], np.uint8)
+    image = prepare_frame(frames_thw3[0])
+    key, f16, _, _ = backend.encode_key(image)
+    memory = [(key, backend.encode_value(image, f16, one_hot(labels[0], objects)))]
+    for t in range(1, len(frames_thw3)):
+        image = prepare_frame(frames_thw3[t])
+        key, f16, f8, f4 = backend.encode_key(image)
+        memory_keys = np.concatenate([k for k, _ in memory], axis=0)
+        memory_values = np.stack([v for _, v in memory], axis=1)
+        probs = backend.segment(key, f16, f8, f4, memory_keys, memory_values)
+        labels[t] = lookup[probs[0].argmax(0)]
+        confidence[t] = probs[0].max(0)
+        if t % policy.mem_every == 0:
+            memory.append((key, backend.encode_value(image, f16, np.ascontiguousarray(probs[0, 1:, None]))))
+            if len(memory) > policy.max_memory:
+                del memory[1]  # the key frame stays
+    return labels, confidence
+
+
+def propagate_both_ways(
+    backend, frames_thw3: np.ndarray, key_labels_hw: np.ndarray, key_index: int, policy: MemoryPolicy
+) -> tuple[np.ndarray, np.ndarray]:
+    """From a key frame in the middle: forward to the last frame and backward to the first."""
+    if not 0 <= key_index < len(frames_thw3):
+        raise ValueError(f"key frame {key_index} is outside the {len(frames_thw3)} frames")
+    forward = propagate(backend, frames_thw3[key_index:], key_labels_hw, policy)
+    backward = propagate(backend, frames_thw3[: key_index + 1][::-1], key_labels_hw, policy)
+    labels = np.concatenate([backward[0][::-1][:-1], forward[0]])
+    confidence = np.concatenate([backward[1][::-1][:-1], forward[1]])
+    return labels, confidence
+
+
+def propagate_from_keys(
+    backend, frames_thw3: np.ndarray, key_labels: dict[int, np.ndarray], policy: MemoryPolicy
+) -> tuple[np.ndarray, np.ndarray]:
+    """Several key frames (index → labels): every frame takes the result propagated from its nearest key frame,
+    each key propagating both ways up to its neighbours. This is how annotated slices fill a volume."""
+    if not key_labels:
+        raise ValueError("at least one key frame (or slice) with labels is needed")
+    keys = sorted(key_labels)
+    labels = np.zeros(frames_thw3.shape[:3], np.uint8)
+    confidence = np.zeros(frames_thw3.shape[:3], np.float32)
+    for position, key in enumerate(keys):
+        # This key owns the frames closer to it than to its neighbours.
+        start = 0 if position == 0 else (keys[position - 1] + key) // 2 + 1
+        stop = len(frames_thw3) if position == len(keys) - 1 else (key + keys[position + 1]) // 2 + 1
+        span_labels, span_confidence = propagate_both_ways(
+            backend, frames_thw3[start:stop], key_labels[key], key - start, policy
+        )
+        labels[start:stop], confidence[start:stop] = span_labels, span_confidence
+    return labels, confidence
+
+
+def resize_frames(frames_thw3: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (T, H, W, 3) → (T, size, size, 3), bilinear."""
+    tensor = torch.from_numpy(np.ascontiguousarray(frames_thw3)).permute(0, 3, 1, 2).float()
+    resized = torch.nn.functional.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False)
+    return resized.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def resize_labels(labels_thw: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 label maps (T, h, w) → (T, height, width), nearest."""
+    tensor = torch.from_numpy(np.ascontiguousarray(labels_thw))[:, None].float()
+    return torch.nn.functional.interpolate(tensor, size=(height, width), mode="nearest")[:, 0].to(torch.uint8).numpy()
+
+
+def propagate_volume(
+    backend, hu_xyz: np.ndarray, key_slices: dict[int, np.ndarray], policy: MemoryPolicy, size: int = 256
+) -> np.ndarray:
+    """Labels (X, Y, Z) uint8 of a CT volume from annotated (or key) axial slices z → (X, Y) labels: slices are
+    windowed, resized to size×size, propagated both ways from each key slice, and resized back."""
+    from training.data.volumes import slices_as_frames
+
+    x, y, z = hu_xyz.shape
+    bad = [k for k in key_slices if not 0 <= k < z]
+    if bad:
+        raise ValueError(f"key slice(s) {bad} outside the volume's {z} slices")
+    frames = resize_frames(slices_as_frames(hu_xyz), size)
+    keys = {k: resize_labels(labels[None], size, size)[0] for k, labels in key_slices.items()}
+    labels, _ = propagate_from_keys(backend, frames, keys, policy)
+    return np.moveaxis(resize_labels(labels, x, y), 0, 2)

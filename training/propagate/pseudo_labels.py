@@ -1,0 +1,152 @@
+"""Pseudo-labels by mutual agreement (the FLARE22 semi-supervised recipe): a reference segmenter labels key
+frames (or slices), propagation fills every frame from its nearest key frame, and a pixel is kept where the two
+agree with low uncertainty; frames with too few kept pixels are dropped.
+
+Uncertainty per pixel: 1 − ½(p_ref + p_prop) of the shared label where the two labels agree, 1 where they differ
+(p_ref: the segmenter's softmax probability, p_prop: the propagation's). Kept: uncertainty ≤ `threshold`, the
+sweep parameter (below 1, so that disagreeing pixels are never kept).
+
+Output: the folder layout training/data/folders.py reads (images/, masks/, classes.json, one subfolder per
+sequence), plus keep/<sequence>/<frame>.png — 255 where a pixel is kept, 0 where it must be ignored — and
+pseudo_labels.json with the settings and per-frame kept fractions. Why a separate mask: the folder loader accepts
+only values of classes.json, which holds class names only, so an ignore value (255, the adapt job's IGNORE_INDEX,
+which its cross-entropy skips) cannot be stored in masks/; neither the segment nor the adapt job's labelled-source
+loss has an ignore index. masks/ holds the reference segmenter's label at ignored pixels; a consumer sets
+`labels[keep == 0] = 255` and uses cross_entropy(ignore_index=255), as the adapt job does for its own
+pseudo-labels.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydantic import Field
+
+from training.config import StrictModel
+from training.data import storage
+from training.data.folders import _png, write_folder_dataset
+from training.propagate.inference import MemoryPolicy, propagate_from_keys
+
+IGNORE_INDEX = 255  # the adapt job's convention (training/adapt/pseudo_labels.py)
+
+# frames (T, H, W, 3) uint8 → softmax probabilities (T, C, H, W) float32
+ReferenceSegmenter = Callable[[np.ndarray], np.ndarray]
+
+
+class PseudoLabelConfig(StrictModel):
+    threshold: float = Field(0.3, ge=0, lt=1, description="largest mutual-agreement uncertainty of a kept pixel")
+    key_every: int = Field(10, ge=1, description="every k-th frame/slice is a key frame labelled by the segmenter")
+    min_kept: float = Field(0.5, ge=0, le=1, description="a frame is written only if this fraction is kept")
+    memory: MemoryPolicy = MemoryPolicy()
+
+
+@dataclass
+class SequencePseudoLabels:
+    labels: np.ndarray  # (T, H, W) uint8: the agreed label where kept, the segmenter's elsewhere
+    keep: np.ndarray  # (T, H, W) bool
+    uncertainty: np.ndarray  # (T, H, W) float32
+    frame_kept: np.ndarray  # (T,) bool
+
+    @property
+    def kept_fraction(self) -> np.ndarray:
+        return self.keep.reshape(len(self.keep), -1).mean(1)
+
+
+def mutual_uncertainty(
+    reference_probs_tchw: np.ndarray, propagated_labels_thw: np.ndarray, propagated_confidence_thw: np.ndarray
+) -> np.ndarray:
+    """(T, H, W): 1 − mean confidence where the argmax labels agree, 1 where they disagree."""
+    reference_labels = reference_probs_tchw.argmax(1)
+    reference_confidence = reference_probs_tchw.max(1)
+    agree = reference_labels == propagated_labels_thw
+    return np.where(agree, 1 - 0.5 * (reference_confidence + propagated_confidence_thw), 1.0).astype(np.float32)
+
+
+def pseudo_label_sequence(
+    backend, frames_thw3: np.ndarray, reference_probs_tchw: np.ndarray, cfg: PseudoLabelConfig
+) -> SequencePseudoLabels:
+    reference_labels = reference_probs_tchw.argmax(1).astype(np.uint8)
+    keys = {k: reference_labels[k] for k in range(0, len(frames_thw3), cfg.key_every)}
+    propagated, confidence = propagate_from_keys(backend, frames_thw3, keys, cfg.memory)
+    uncertainty = mutual_uncertainty(reference_probs_tchw, propagated, confidence)
+    keep = uncertainty <= cfg.threshold
+    frame_kept = keep.reshape(len(keep), -1).mean(1) >= cfg.min_kept
+    return SequencePseudoLabels(reference_labels, keep, uncertainty, frame_kept)
+
+
+def truth_check(truth_thw: np.ndarray, result: SequencePseudoLabels) -> dict:
+    """Where labels are known: accuracy of the kept pixels of written frames against the truth, beside the
+    reference segmenter's accuracy on all pixels — what the threshold trades coverage for."""
+    written = result.frame_kept
+    kept = result.keep & written[:, None, None]
+    correct = result.labels == truth_thw
+    return {
+        "kept_pixel_accuracy": float(correct[kept].mean()) if kept.any() else None,
+        "reference_accuracy": float(correct.mean()),
+        "coverage": float(kept.mean()),
+    }
+
+
+def write_pseudo_dataset(
+    out_uri: str, sequences: dict[str, tuple[np.ndarray, list[str], SequencePseudoLabels]], cfg: PseudoLabelConfig
+) -> dict:
+    """Write kept frames of every sequence (name → (frames, frame names, pseudo-labels)); returns the summary."""
+    images, masks, names, keeps, report = [], [], [], [], {}
+    for sequence, (frames, frame_names, result) in sequences.items():
+        kept_frames = np.flatnonzero(result.frame_kept)
+        images += [frames[i] for i in kept_frames]
+        masks += [result.labels[i] for i in kept_frames]
+        keeps += [result.keep[i] for i in kept_frames]
+        names += [f"{sequence}/{frame_names[i]}" for i in kept_frames]
+        report[sequence] = {
+            "frames": len(frames),
+            "frames_kept": int(len(kept_frames)),
+            "kept_fraction": [round(float(f), 4) for f in result.kept_fraction],
+        }
+    if not images:
+        raise ValueError(f"no frame kept at threshold {cfg.threshold} (min_kept {cfg.min_kept}); raise the threshold")
+    write_folder_dataset(out_uri, np.stack(images), np.stack(masks), names)
+    for name, keep in zip(names, keeps, strict=True):
+        storage.write_bytes(storage.join(out_uri, "keep", f"{name}.png"), _png(keep.astype(np.uint8) * 255))
+    summary = {
+        "threshold": cfg.threshold,
+        "key_every": cfg.key_every,
+        "min_kept": cfg.min_kept,
+        "ignore": "keep/<name>.png: 255 kept, 0 ignore (set the label to 255 and use cross_entropy ignore_index=255)",
+        "frames_written": len(names),
+        "pixels_kept": float(np.mean([k.mean() for k in keeps])),
+        "sequences": report,
+    }
+    storage.write_bytes(storage.join(out_uri, "pseudo_labels.json"), json.dumps(summary, indent=2).encode())
+    return summary
+
+
+class OnnxReferenceSegmenter:
+    """A segmentation ONNX of training/export.py as the reference segmenter: frames → softmax probabilities."""
+
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        props = self.session.get_modelmeta().custom_metadata_map
+        if props.get("endoflow.task") != "segmentation":
+            raise ValueError(f"{path}: endoflow.task is {props.get('endoflow.task')!r}; expected 'segmentation'")
+        norm = json.loads(props["endoflow.normalization"])
+        self.mean = np.array(norm["mean"], np.float32).reshape(1, 3, 1, 1)
+        self.std = np.array(norm["std"], np.float32).reshape(1, 3, 1, 1)
+
+    def __call__(self, frames_thw3: np.ndarray, batch: int = 8) -> np.ndarray:
+        out = []
+        for start in range(0, len(frames_thw3), batch):
+            x = frames_thw3[start : start + batch].transpose(0, 3, 1, 2).astype(np.float32) / 255
+            logits = self.session.run(["logits"], {"image": (x - self.mean) / self.std})[0]
+            e = np.exp(logits - logits.max(1, keepdims=True))
+            out.append(e / e.sum(1, keepdims=True))
+        return np.concatenate(out).astype(np.float32)

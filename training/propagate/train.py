@@ -1,0 +1,163 @@
+"""Propagation training as a Ray Train job: stage 1 on static images turned into pseudo-sequences, stage 2 on
+sequences (simulator and labelled real ones) mixed with pseudo-sequences; a checkpoint every epoch; resume by name.
+
+Loss per predicted frame: cross-entropy over (background, objects) plus a soft Dice over the objects present, so
+that small objects (pathology, tools) weigh as much as large ones. `run(config)` is the driver side;
+`train_loop_per_worker` runs on each Ray Train worker.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from ray.train.torch import prepare_model
+
+from training import loop, tracking
+from training.data.normalize import normalize
+from training.models.propagation.network import PropagationNet
+from training.propagate.config import PropagateJobConfig
+from training.propagate.inference import TorchBackend, propagate
+from training.propagate.sequences import build_pools, labelled_sequences, sample_clips
+from training.propagation_metrics import j_and_f
+
+
+def clip_loss(logits_bknhw: torch.Tensor, labels_bkhw: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy + soft Dice of the objects present in the truth, over every predicted frame."""
+    classes = logits_bknhw.shape[2]
+    logits = logits_bknhw.flatten(0, 1)
+    labels = labels_bkhw.flatten(0, 1)
+    ce = F.cross_entropy(logits, labels)
+    probs = logits.softmax(1)[:, 1:]
+    truth = F.one_hot(labels, classes).permute(0, 3, 1, 2)[:, 1:].float()
+    present = truth.flatten(2).sum(2) > 0
+    overlap = (probs * truth).flatten(2).sum(2)
+    total = (probs + truth).flatten(2).sum(2)
+    soft_dice = (2 * overlap + 1) / (total + 1)
+    dice_loss = (1 - soft_dice)[present].mean() if present.any() else logits.sum() * 0
+    return ce + dice_loss
+
+
+def first_masks(labels_bkhw: torch.Tensor, objects: int) -> torch.Tensor:
+    """(B, N, H, W) float one-hot of objects 1..N in each clip's first frame."""
+    return F.one_hot(labels_bkhw[:, 0], objects + 1).permute(0, 3, 1, 2)[:, 1:].float()
+
+
+def evaluate_sequences(model: PropagationNet, sequences, policy) -> dict[str, float]:
+    """Mean J&F (and J, F) over labelled sequences, the first frame given: the job's validation score."""
+    backend = TorchBackend(model, policy.top_k)
+    scores = []
+    for frames, truth in sequences:
+        labels, _ = propagate(backend, frames, truth[0], policy)
+        objects = [int(c) for c in np.unique(truth[0]) if c != 0]
+        scores.append(j_and_f(truth[1:], labels[1:], objects))
+    return {key: float(np.nanmean([s[key] for s in scores])) for key in ("J&F", "J", "F")}
+
+
+def train_loop_per_worker(config_dict: dict) -> None:
+    cfg = PropagateJobConfig.model_validate(config_dict["job"])
+    tracking_uri = config_dict["tracking_uri"]
+    context = loop.setup_worker(cfg.compute)
+    pools = build_pools(cfg.data, context.rank, context.world)
+    val = labelled_sequences(cfg.val) if (cfg.val and context.is_chief) else None
+    if context.is_chief:
+        print(
+            f"[{cfg.name}] {pools.static_count} static images, {pools.sequence_count} sequences per worker",
+            flush=True,
+        )
+
+    model = PropagationNet(cfg.model)
+    optimizer, scheduler, scaler = loop.make_optimizer(model, cfg.compute, context)
+    start_epoch = 0
+    if (state := loop.load_state()) is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = state["epoch"] + 1
+        if context.is_chief:
+            print(f"[{cfg.name}] resuming after epoch {state['epoch'] + 1}", flush=True)
+    model = prepare_model(model) if context.world > 1 or context.device.type == "cuda" else model
+
+    for epoch in range(start_epoch, cfg.compute.epochs):
+        started = time.perf_counter()
+        stage = 1 if epoch < cfg.stage1_epochs else 2
+        rng = np.random.default_rng([cfg.compute.seed, context.rank, epoch])  # resumable: same clips per epoch
+        model.train()
+        total_loss = 0.0
+        for step in range(cfg.steps_per_epoch):
+            share = 1.0 if stage == 1 else cfg.data.static_share
+            frames, labels = sample_clips(pools, cfg.compute.batch_size, cfg.data, cfg.deform, share, rng)
+            b, k = frames.shape[:2]
+            frames = normalize(frames.flatten(0, 1)).reshape(b, k, *frames.shape[2:]).to(context.device)
+            labels = labels.to(context.device)
+            with context.autocast():
+                logits = model(frames, first_masks(labels, cfg.data.max_objects))
+                loss = clip_loss(logits.float(), labels[:, 1:])
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total_loss += loss.item()
+            if context.is_chief and (step + 1) % 50 == 0:
+                print(
+                    f"[{cfg.name}] epoch {epoch + 1} step {step + 1}/{cfg.steps_per_epoch} loss {loss.item():.4f}",
+                    flush=True,
+                )
+        scheduler.step()
+
+        metrics = {
+            "epoch": epoch + 1,
+            "stage": stage,
+            "resumed_after_epoch": start_epoch,
+            "train_loss": total_loss / cfg.steps_per_epoch,
+            "epoch_seconds": time.perf_counter() - started,
+        }
+        if val is not None:
+            scores = evaluate_sequences(loop.unwrap(model).cpu(), val, cfg.memory)
+            loop.unwrap(model).to(context.device)
+            metrics |= {"val_jf": scores["J&F"], "val_j": scores["J"], "val_f": scores["F"]}
+        if context.is_chief:
+            tracking.log_worker_metrics(tracking_uri, cfg.tracking.run_id, metrics, step=epoch + 1)
+            shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k not in ("epoch", "resumed_after_epoch"))
+            print(f"[{cfg.name}] epoch {epoch + 1}/{cfg.compute.epochs} {shown}", flush=True)
+        state = {
+            "model": loop.unwrap(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch,
+            "config": cfg.model_dump(mode="json"),
+        }
+        loop.report(metrics, state, context)
+
+
+@dataclass
+class TrainedPropagator:
+    model: PropagationNet
+    checkpoint_path: str
+    metrics: dict
+
+
+def run(cfg: PropagateJobConfig, tracking_uri: str) -> TrainedPropagator:
+    """Run the job on the connected Ray cluster; returns the model of the last checkpoint."""
+    result = loop.fit(
+        train_loop_per_worker,
+        {"job": cfg.model_dump(mode="json"), "tracking_uri": tracking_uri},
+        cfg.compute,
+        name=cfg.name,
+        storage_path=f"{cfg.runs_dir.rstrip('/')}/ray",
+    )
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {cfg.name} produced no checkpoint (error: {result.error})")
+    state = loop.read_checkpoint_state(result.checkpoint)
+    return TrainedPropagator(load_model(state), result.checkpoint.path, dict(result.metrics or {}))
+
+
+def load_model(state: dict) -> PropagationNet:
+    """The model of a checkpoint state (or of a saved {'model', 'config'} file)."""
+    cfg = PropagateJobConfig.model_validate(state["config"])
+    model = PropagationNet(cfg.model)
+    model.load_state_dict(state["model"])
+    return model.eval()

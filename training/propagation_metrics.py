@@ -1,0 +1,92 @@
+"""Metrics for mask propagation: region J and boundary F as in the DAVIS benchmark, Dice, and normalised surface
+Dice (NSD) at a tolerance in mm as in FLARE22.
+
+Masks are boolean arrays of one object. Conventions for empty masks follow DAVIS: both empty is a perfect 1, one
+empty is 0. Boundary pixels of a 2-D mask are its pixels with a 4-neighbour outside it (the frame's edge counts as
+outside); a volume's surface voxels are those with a 6-neighbour outside. NSD counts surface voxels (not surface
+areas as FLARE22's surface-distance code does), which agrees closely at isotropic-ish spacings.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+
+def region_j(truth: np.ndarray, pred: np.ndarray) -> float:
+    """Jaccard index (IoU) of two boolean masks; 1 when both are empty."""
+    truth, pred = truth.astype(bool), pred.astype(bool)
+    union = np.logical_or(truth, pred).sum()
+    return 1.0 if union == 0 else float(np.logical_and(truth, pred).sum() / union)
+
+
+def dice(truth: np.ndarray, pred: np.ndarray) -> float:
+    """Dice coefficient of two boolean masks (any dimension); 1 when both are empty."""
+    truth, pred = truth.astype(bool), pred.astype(bool)
+    total = truth.sum() + pred.sum()
+    return 1.0 if total == 0 else float(2 * np.logical_and(truth, pred).sum() / total)
+
+
+def boundary(mask: np.ndarray) -> np.ndarray:
+    """Pixels (voxels) of `mask` with a face neighbour outside it; the array's border counts as outside."""
+    mask = mask.astype(bool)
+    interior = ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(mask.ndim, 1), border_value=0)
+    return mask & ~interior
+
+
+def boundary_f(truth: np.ndarray, pred: np.ndarray, bound_th: float = 0.008) -> float:
+    """DAVIS boundary F-measure: precision and recall of boundary pixels matched within a tolerance of
+    ceil(bound_th · image diagonal) pixels (a disk), combined as 2PR / (P + R)."""
+    truth_edge, pred_edge = boundary(truth), boundary(pred)
+    if not truth_edge.any() and not pred_edge.any():
+        return 1.0
+    if not truth_edge.any() or not pred_edge.any():
+        return 0.0
+    radius = bound_th if bound_th >= 1 else math.ceil(bound_th * math.hypot(*truth.shape))
+    # Distance to the nearest boundary pixel of the other mask, thresholded = dilation by a disk of that radius.
+    near_truth = ndimage.distance_transform_edt(~truth_edge) <= radius
+    near_pred = ndimage.distance_transform_edt(~pred_edge) <= radius
+    precision = float((pred_edge & near_truth).sum() / pred_edge.sum())
+    recall = float((truth_edge & near_pred).sum() / truth_edge.sum())
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def normalized_surface_dice(
+    truth: np.ndarray, pred: np.ndarray, tolerance_mm: float, spacing: Sequence[float] | None = None
+) -> float:
+    """Fraction of both surfaces lying within `tolerance_mm` of the other surface, with distances measured in mm
+    using the voxel `spacing` (one value per axis; default 1). 1 when both masks are empty, 0 when one is."""
+    truth, pred = truth.astype(bool), pred.astype(bool)
+    spacing = tuple(float(s) for s in (spacing or (1.0,) * truth.ndim))
+    if len(spacing) != truth.ndim:
+        raise ValueError(f"spacing has {len(spacing)} values for a {truth.ndim}-D mask")
+    truth_surface, pred_surface = boundary(truth), boundary(pred)
+    if not truth_surface.any() and not pred_surface.any():
+        return 1.0
+    if not truth_surface.any() or not pred_surface.any():
+        return 0.0
+    to_truth = ndimage.distance_transform_edt(~truth_surface, sampling=spacing)
+    to_pred = ndimage.distance_transform_edt(~pred_surface, sampling=spacing)
+    close = (pred_surface & (to_truth <= tolerance_mm)).sum() + (truth_surface & (to_pred <= tolerance_mm)).sum()
+    return float(close / (truth_surface.sum() + pred_surface.sum()))
+
+
+def j_and_f(truth_labels: np.ndarray, pred_labels: np.ndarray, objects: Sequence[int]) -> dict:
+    """J, F and their mean J&F over the frames (T, H, W) of one sequence, per object and averaged over objects.
+
+    objects: the label values scored (each frame of each object counts once, as DAVIS does)."""
+    if truth_labels.shape != pred_labels.shape:
+        raise ValueError(f"truth shape {truth_labels.shape} and prediction shape {pred_labels.shape} differ")
+    per_object = {}
+    for label in objects:
+        js = [region_j(t == label, p == label) for t, p in zip(truth_labels, pred_labels, strict=True)]
+        fs = [boundary_f(t == label, p == label) for t, p in zip(truth_labels, pred_labels, strict=True)]
+        per_object[int(label)] = {"J": float(np.mean(js)), "F": float(np.mean(fs))}
+    if not per_object:
+        return {"J": float("nan"), "F": float("nan"), "J&F": float("nan"), "objects": {}}
+    mean_j = float(np.mean([v["J"] for v in per_object.values()]))
+    mean_f = float(np.mean([v["F"] for v in per_object.values()]))
+    return {"J": mean_j, "F": mean_f, "J&F": (mean_j + mean_f) / 2, "objects": per_object}
