@@ -76,3 +76,15 @@ images:
 
 bench-propagate: $(STAMP)
 	$(VENV)/bin/endoflow propagate bench --out runs/bench/propagate.json
+
+# --- sim→real adaptation ladder (source-only → FDA → learned CUT translator → IRB → + pseudo-labels → oracle), on the
+# embedded real-like simulator and, when present, on vocalfolds seq1-3 (unlabelled) → seq4 (~15-30 min each, 2 cores) ---
+.PHONY: bench-adapt
+
+bench-adapt: $(STAMP)
+	nice -n 10 $(VENV)/bin/endoflow bench adapt --out runs/bench/adapt.json
+	@if [ -d ../shared/data/vocalfolds/img ]; then \
+		nice -n 10 $(VENV)/bin/endoflow bench adapt --real-data ../shared/data/vocalfolds --real-layout vocalfolds \
+			--train-sequences seq1,seq2,seq3 --eval-sequences seq4 --out runs/bench/adapt-vocalfolds.json \
+			--set runs_dir=runs/bench/adapt-vocalfolds; \
+	else echo "bench-adapt: ../shared/data/vocalfolds absent, embedded ladder only"; fi

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from pipelines.propagate_cli import app as propagate_app
+from pipelines.style_cli import app as style_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="EndoFlow: sim-to-real endoscopy segmentation.")
 console = Console()
@@ -73,11 +74,16 @@ def adapt(
     fresh: FreshOption = False,
     workers: WorkersOption = None,
     gpus_per_worker: GpusOption = None,
+    extra_labelled: Annotated[
+        str | None, typer.Option(help="labelled real frames of other patients (folder or vocalfolds root, or s3://)")
+    ] = None,
 ) -> None:
     """Train the adaptation job (style + IRB + pseudo-labels [+ adversarial]), export ONNX, optionally register."""
     from training.adapt import train as adapt_train
-    from training.adapt.config import AdaptJobConfig
+    from training.adapt.config import AdaptJobConfig, extra_labelled_override
 
+    if extra_labelled:
+        set_ = (set_ or []) + [extra_labelled_override(extra_labelled)]
     _train_export(
         AdaptJobConfig, adapt_train.run, config, set_, eval_data, register, address, fresh, workers, gpus_per_worker
     )
@@ -159,6 +165,7 @@ def serve(
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that write JSON reports.")
 app.add_typer(bench_app, name="bench")
 app.add_typer(propagate_app, name="propagate")
+app.add_typer(style_app, name="style")
 
 
 @bench_app.command("segment")
@@ -174,6 +181,40 @@ def bench_segment(
 
     report = run_bench(out, real_data, epochs=epochs)
     console.print_json(json.dumps(report))
+
+
+@bench_app.command("adapt")
+def bench_adapt(
+    out: Path = Path("runs/bench/adapt.json"),
+    real_data: Annotated[str | None, typer.Option(help="real target root (default: embedded real-like sim)")] = None,
+    real_layout: Annotated[str, typer.Option(help="layout of --real-data")] = "vocalfolds",
+    train_sequences: Annotated[str, typer.Option(help="comma-separated: unlabelled target (oracle: labelled)")] = (
+        "seq1,seq2,seq3"
+    ),
+    eval_sequences: Annotated[str, typer.Option(help="comma-separated: scored, never trained on")] = "seq4",
+    config: ConfigOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Adaptation ladder: source-only → FDA → learned ST → IRB → IRB + pseudo-labels → oracle; JSON report."""
+    import json
+
+    from pipelines.bench_adapt import BenchAdaptConfig, run_bench
+    from training.config import load_config
+
+    options = {
+        "real_data": real_data,
+        "real_layout": real_layout,
+        "train_sequences": f"[{train_sequences}]",
+        "eval_sequences": f"[{eval_sequences}]",
+    }
+    overrides = [f"{key}={value}" for key, value in options.items() if value is not None] + (set_ or [])
+    cfg = _load(BenchAdaptConfig, config, overrides, load_config)
+    try:
+        report = run_bench(cfg, out)
+    except (FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    console.print_json(json.dumps(report["summary"]))
 
 
 def _train_export(cls, runner, config, set_, eval_data, register, address, fresh, workers, gpus_per_worker) -> None:

@@ -14,6 +14,22 @@ seed 0 / seed 1:
     + adversarial    0.232 / 0.158
 FDA, IRB and pseudo-labels each help on both seeds; the adversarial term adds ≤ 0.005 (well inside the seed spread)
 for a second network and optimiser, so it stays off.
+
+`endoflow bench adapt` ladder (pipelines/bench_adapt.py; 128 px, default model, 2 CPU workers; each adaptation rung
+fine-tunes the source-only model for 3 epochs; machine shared, load average 9-52 on 2 cores), final mean Dice over the
+7 classes (vocal folds + glottal space mean in brackets):
+                      embedded (sim → real-like)   vocalfolds seq1-3 unlabelled → seq4 (Laves et al. 2019)
+    source only        0.247 (0.368)               0.059 (0.053)
+    FDA                0.729 (0.891)               0.190 (0.370)
+    CUT translator     0.591 (0.681)               0.073 (0.022)   4 epochs only: 240 resp. 92 frames, CPU budget
+    FDA + IRB          0.581 (0.795)               0.213 (0.469)
+    + pseudo-labels    0.464 (0.686)               0.140 (0.178)
+    oracle             0.763 (0.950)               0.338 (0.702)
+    gap closed         0.93 (FDA)                  0.55 (FDA + IRB)
+With these short budgets pseudo-labels (started at once, CBST 0.5) hurt on both targets, and the learned translator,
+at a few hundred CPU steps, stays behind FDA; a real-like simulator source did not help on vocalfolds either
+(FDA + IRB 0.096 vs 0.213). Longer training (10 source / 5 adaptation epochs) gave FDA 0.190 (0.367) and FDA + IRB
+0.163 (0.334): on vocalfolds the run-to-run spread is as large as IRB's gain, so only FDA's is clearly real.
 """
 
 from __future__ import annotations
@@ -27,7 +43,7 @@ from training.data.sources import DataSpec
 from training.loop import ComputeConfig
 from training.models.unet import UNetConfig
 from training.segment.config import AugmentConfig
-from training.style.transforms import StyleMethod
+from training.style.transforms import STYLE_METHODS
 from training.tracking import TrackingConfig
 
 MC_DROPOUT_DEFAULT = 0.1  # dropout switched on for MC-dropout when the model config has none
@@ -35,8 +51,17 @@ DEFAULT_TARGET = DataSpec(kind="sim", style="real-like", count=240, seed=1, labe
 
 
 class AdaptStyleConfig(StrictModel):
-    method: StyleMethod = Field("fda", description="training-free sim→real transfer building the translated set")
+    method: Literal[STYLE_METHODS + ("translator",)] = Field(  # type: ignore[valid-type]
+        "fda", description="sim→real transfer building the translated set: training-free, or a learned translator"
+    )
     beta: float = Field(0.01, ge=0.0, le=0.5, description="FDA low-frequency window, fraction of the image side")
+    translator: str | None = Field(None, description="generator file from `endoflow style train` (method=translator)")
+
+    @model_validator(mode="after")
+    def _translator_file(self) -> AdaptStyleConfig:
+        if self.method == "translator" and not self.translator:
+            raise ValueError("style.method=translator needs style.translator: the generator file of a translator run")
+        return self
 
 
 class IRBConfig(StrictModel):
@@ -70,6 +95,9 @@ class AdaptJobConfig(StrictModel):
     runs_dir: str = Field("runs", description="Ray storage path, MLflow store and outputs live under it")
     source: DataSpec = DataSpec(kind="sim", style="sim", count=480, seed=0)
     target: DataSpec | None = Field(DEFAULT_TARGET, description="unlabelled target-domain images (labelled: false)")
+    extra_labelled: DataSpec | None = Field(
+        None, description="labelled real frames (other patients) joining the source; never translated"
+    )
     val: DataSpec | None = Field(None, description="labelled target validation frames, scored every epoch")
     style: AdaptStyleConfig = AdaptStyleConfig()
     augment: AugmentConfig = AugmentConfig()
@@ -114,6 +142,11 @@ class AdaptJobConfig(StrictModel):
                 raise ValueError("target must be unlabelled (labelled: false); put labelled target frames in 'val'")
             if self.target.size != self.source.size:
                 raise ValueError(f"target.size {self.target.size} must equal source.size {self.source.size}")
+        if self.extra_labelled is not None:
+            if not self.extra_labelled.labelled:
+                raise ValueError("extra_labelled must be labelled (labelled: true): its masks train the model")
+            if self.extra_labelled.size != self.source.size:  # one batch shape: follow the source size
+                self.extra_labelled = self.extra_labelled.model_copy(update={"size": self.source.size})
         if self.val is not None and not self.val.labelled:
             raise ValueError("val must be labelled: it is scored every epoch")
         if self.source.size % self.model.size_multiple:
@@ -136,3 +169,13 @@ class AdaptJobConfig(StrictModel):
         if self.pseudo.enabled and self.pseudo.uncertainty == "mc_dropout" and self.model.dropout == 0:
             self.model = self.model.model_copy(update={"dropout": MC_DROPOUT_DEFAULT})
         return self
+
+
+def extra_labelled_override(uri: str) -> str:
+    """`--extra-labelled DIR` as a config override: vocalfolds layout when DIR has img/ and annot/, else folder."""
+    import json
+
+    from training.data import storage
+
+    vocalfolds = storage.exists(storage.join(uri, "img")) and storage.exists(storage.join(uri, "annot"))
+    return "extra_labelled=" + json.dumps({"kind": "vocalfolds" if vocalfolds else "folder", "uri": uri})

@@ -41,21 +41,31 @@ from training.data.sources import load_data
 from training.models.unet import Segmenter, UNetConfig
 from training.segment.predict import predict_labels, score
 from training.segment.train import TrainedSegmenter, augment
+from training.style.generator_file import load_generator
 from training.style.transforms import apply_style
 
 CHUNK = 16  # frames per translation / labelling pass: ~1 M pixels at 256², plenty for per-class CBST quantiles
 
 
 def translate(
-    images_nhwc: np.ndarray, target_nhwc: np.ndarray, cfg: AdaptStyleConfig, rng: np.random.Generator
+    images_nhwc: np.ndarray,
+    target_nhwc: np.ndarray,
+    cfg: AdaptStyleConfig,
+    rng: np.random.Generator,
+    generator: torch.nn.Module | None = None,
 ) -> np.ndarray:
-    """Each source frame moved toward the look of a random target frame; geometry kept, so its label still fits."""
+    """Each source frame moved toward the look of a random target frame (or through the learned `generator`);
+    geometry kept, so its label still fits."""
     picks = rng.integers(len(target_nhwc), size=len(images_nhwc))
     out = np.empty_like(images_nhwc)
     for start in range(0, len(images_nhwc), CHUNK):
         stop = start + CHUNK
         styled = apply_style(
-            cfg.method, to_unit_bchw(images_nhwc[start:stop]), to_unit_bchw(target_nhwc[picks[start:stop]]), cfg.beta
+            cfg.method,
+            to_unit_bchw(images_nhwc[start:stop]),
+            to_unit_bchw(target_nhwc[picks[start:stop]]),
+            cfg.beta,
+            model=generator,
         )
         out[start:stop] = styled.mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return out
@@ -127,8 +137,13 @@ def train_loop_per_worker(config_dict: dict) -> None:
     images, masks = load_data(cfg.source, context.rank, context.world)
     if masks is None:
         raise ValueError(f"source data {cfg.source.describe()} has no labels; the adaptation job needs them")
+    source_count = len(images)  # frames after this are extra labelled real frames: never translated
+    if cfg.extra_labelled is not None:
+        extra_images, extra_masks = load_data(cfg.extra_labelled, context.rank, context.world)
+        images, masks = np.concatenate([images, extra_images]), np.concatenate([masks, extra_masks])
     target_images = load_data(cfg.target, context.rank, context.world)[0] if cfg.target else None
     val_images, val_masks = load_data(cfg.val) if (cfg.val and context.is_chief) else (None, None)
+    generator = load_generator(cfg.style.translator, "style.translator") if cfg.style.method == "translator" else None
 
     model = Segmenter(cfg.model)
     optimizer, scheduler, scaler = loop.make_optimizer(model, cfg.compute, context)
@@ -177,7 +192,8 @@ def train_loop_per_worker(config_dict: dict) -> None:
         # The labelled mix: source frames during the teacher phase; then translated ones, IRB-blended if enabled.
         translated, ious, top, ratio = images, np.zeros(len(images)), 1.0, 0.0
         if adapting and cfg.style.method != "none":
-            translated, ratio = translate(images, target_images, cfg.style, rng), 1.0
+            translated, ratio = images.copy(), 1.0
+            translated[:source_count] = translate(images[:source_count], target_images, cfg.style, rng, generator)
             if cfg.irb.enabled:
                 ious = per_image_iou(predict_labels(teacher, translated), masks, cfg.model.num_classes)
                 top, ratio = cfg.irb.top_fraction, cfg.irb.translated_ratio
@@ -268,6 +284,8 @@ def run(cfg: AdaptJobConfig, tracking_uri: str) -> TrainedSegmenter:
     storage every node mounts (after the first checkpoint the teacher travels inside this job's checkpoints).
     """
     teacher_file = str(teacher_state_file(cfg.teacher_checkpoint)) if cfg.teacher_checkpoint else None
+    if cfg.style.method == "translator":  # fail before any worker starts; workers load it themselves
+        load_generator(cfg.style.translator, "style.translator")
     result = loop.fit(
         train_loop_per_worker,
         {"job": cfg.model_dump(mode="json"), "tracking_uri": tracking_uri, "teacher_file": teacher_file},
