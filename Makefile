@@ -88,3 +88,10 @@ bench-adapt: $(STAMP)
 			--train-sequences seq1,seq2,seq3 --eval-sequences seq4 --out runs/bench/adapt-vocalfolds.json \
 			--set runs_dir=runs/bench/adapt-vocalfolds; \
 	else echo "bench-adapt: ../shared/data/vocalfolds absent, embedded ladder only"; fi
+
+# --- serving benchmark: bare onnxruntime vs the service (v2 binary, REST PNG; default and HAProxy ingress) vs naive
+# FastAPI + torch, at concurrency 1/8/32, plus WebSocket propagation streams (~5 min on 2 cores) ---
+.PHONY: bench-serve
+
+bench-serve: $(STAMP)
+	ulimit -n 16384 2>/dev/null || true; $(VENV)/bin/endoflow bench serve --out runs/bench/serve.json

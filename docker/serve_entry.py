@@ -2,9 +2,11 @@
 
 Two ways in:
   * RayService (and `serve run`): `import_path: serve_entry:app_builder` with `args:` {model, threads,
-    providers, max_body_bytes, max_side, cache_dir}. Ray Serve's import_path takes a bound Application or a
-    builder with exactly one parameter, the args dict; `serving.app.build_app` takes the model reference plus
-    keywords, so this adapts it without touching the app.
+    providers, max_body_bytes, max_side, limits, cache_dir, autoscaling, max_batch_size, batch_wait_timeout_s,
+    reload_interval_s, ...} (OPTIONS below). The bearer token is never an arg: each replica reads
+    ENDOFLOW_API_TOKEN from its environment (the RayService wires the Secret in). Ray Serve's import_path takes
+    a bound Application or a builder with exactly one parameter, the args dict; `serving.app.build_app` takes
+    the model reference plus keywords, so this adapts it without touching the app.
   * `docker run IMAGE --model models:/endoflow-segmenter@champion`: a private single-node Ray and the app on
     0.0.0.0:8000 until SIGTERM (docker stop), which shuts Serve down cleanly.
 """
@@ -22,8 +24,22 @@ from ray.serve import Application
 
 from serving.app import build_app, run_app
 
-# Keyword options build_app accepts (num_replicas and threads) plus those it hands to SegmentationService.
-OPTIONS = {"num_replicas", "threads", "providers", "max_body_bytes", "max_side", "cache_dir"}
+# Keyword options build_app accepts plus those it hands to SegmentationService (not api_token: see above).
+OPTIONS = {
+    "num_replicas",
+    "threads",
+    "autoscaling",
+    "max_ongoing_requests",
+    "providers",
+    "limits",
+    "max_body_bytes",
+    "max_side",
+    "cache_dir",
+    "tracking_uri",
+    "max_batch_size",
+    "batch_wait_timeout_s",
+    "reload_interval_s",
+}
 
 
 def app_builder(args: dict[str, Any]) -> Application:
@@ -35,7 +51,7 @@ def app_builder(args: dict[str, Any]) -> Application:
     unknown = sorted(set(options) - OPTIONS)
     if unknown:
         raise ValueError(f"unknown serving args {unknown}; expected some of {sorted(OPTIONS)}")
-    if "providers" in options:
+    if isinstance(options.get("providers"), list):
         options["providers"] = tuple(options["providers"])
     return build_app(model, **options)
 
@@ -46,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads (and Ray CPUs) per replica")
-    parser.add_argument("--providers", default="CPUExecutionProvider", help="comma-separated, in priority order")
+    parser.add_argument("--providers", default="auto", help="'auto' or comma-separated, in priority order")
     args = parser.parse_args(argv)
     if not args.model:
         parser.error("--model (or ENDOFLOW_MODEL) is required")
@@ -58,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(include_dashboard=False, logging_level="WARNING")
     signal.signal(signal.SIGTERM, _interrupt)  # docker stop sends SIGTERM; run_app stops Serve on interrupt
     try:
-        providers = tuple(p.strip() for p in args.providers.split(",") if p.strip())
-        run_app(args.model, host=args.host, port=args.port, blocking=True, threads=args.threads, providers=providers)
+        run_app(
+            args.model, host=args.host, port=args.port, blocking=True, threads=args.threads, providers=args.providers
+        )
     finally:
         ray.shutdown()
     return 0

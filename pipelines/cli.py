@@ -144,17 +144,59 @@ def serve(
     tracking_uri: Annotated[
         str | None, typer.Option(help="MLflow registry for models:/ refs (default: $MLFLOW_TRACKING_URI or runs/)")
     ] = None,
+    replicas: Annotated[int, typer.Option(help="replicas (ignored with --max-replicas)")] = 1,
+    max_replicas: Annotated[int | None, typer.Option(help="> replicas: autoscale between --replicas and this")] = None,
+    threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads (= Ray CPUs) per replica")] = 1,
+    providers: Annotated[str, typer.Option(help="'auto' or comma-separated onnxruntime providers, in order")] = "auto",
+    max_batch_size: Annotated[int, typer.Option(help="dynamic batching: most requests per onnxruntime call")] = 8,
+    batch_wait_ms: Annotated[float, typer.Option(help="dynamic batching: wait for a fuller batch")] = 0.0,
+    reload_interval: Annotated[float, typer.Option(help="seconds between re-resolving the model (0: never)")] = 60.0,
+    api_token: Annotated[
+        str | None, typer.Option(envvar="ENDOFLOW_API_TOKEN", help="bearer token required on API routes")
+    ] = None,
+    haproxy: Annotated[
+        bool, typer.Option(help="Ray Serve's HAProxy ingress (measured faster: runs/bench/serve.json); local Ray only")
+    ] = True,
 ) -> None:
     """Serve a segmentation model over HTTP in the foreground; Ctrl-C stops cleanly."""
+    import os
     import time
 
     from pipelines.local_ray import local_ray
     from serving.app import run_app
     from training.tracking import default_tracking_uri
 
+    if haproxy and not address:  # read by Serve's processes when they start, so it has to be set before Ray is
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+        # HAProxy holds a descriptor per connection; the usual soft limit of 1024 is too low under load.
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 16384), hard), hard))
+    scaling = {"num_replicas": replicas}
+    if max_replicas and max_replicas > replicas:
+        scaling = {
+            "autoscaling": {"min_replicas": replicas, "max_replicas": max_replicas, "target_ongoing_requests": 4}
+        }
     with local_ray(address=address):
-        run_app(model, port=port, host=host, blocking=False, tracking_uri=tracking_uri or default_tracking_uri())
-        console.print(f"serving {model} on http://{host}:{port} (POST /v1/segment, GET /healthz); Ctrl-C stops")
+        run_app(
+            model,
+            port=port,
+            host=host,
+            blocking=False,
+            tracking_uri=tracking_uri or default_tracking_uri(),
+            threads=threads,
+            providers=providers,
+            max_batch_size=max_batch_size,
+            batch_wait_timeout_s=batch_wait_ms / 1000,
+            reload_interval_s=reload_interval,
+            api_token=api_token or "",
+            **scaling,
+        )
+        console.print(
+            f"serving {model} on http://{host}:{port} (page /, REST /v1/segment, v2 /v2/models/..., /metrics, "
+            f"/docs){' with bearer auth' if api_token else ''}; Ctrl-C stops"
+        )
         try:
             while True:
                 time.sleep(1)
@@ -181,6 +223,21 @@ def bench_segment(
 
     report = run_bench(out, real_data, epochs=epochs)
     console.print_json(json.dumps(report))
+
+
+@bench_app.command("serve")
+def bench_serve_command(
+    out: Path = Path("runs/bench/serve.json"),
+    seconds: Annotated[float, typer.Option(help="measured seconds per mode and concurrency")] = 4.0,
+    threads: Annotated[int, typer.Option(help="inference threads of every server")] = 2,
+) -> None:
+    """Serving latency/throughput: bare onnxruntime vs this service (v2, REST; both ingresses) vs naive torch."""
+    import json
+
+    from pipelines.bench_serve import bench_serve
+
+    report = bench_serve(out, seconds=seconds, threads=threads, log=console.print)
+    console.print_json(json.dumps(report["summary"]))
 
 
 @bench_app.command("adapt")

@@ -1,42 +1,88 @@
 """Ray Serve application: HTTP in, ONNX segmentation out.
 
-  GET  /healthz       {"status": "ok", "model": {name, ref, sha256}}
-  GET  /v1/model      the model's metadata and the request limits
-  POST /v1/segment    body = PNG/JPEG bytes -> image/png uint8 label map at the input's size
-                      ?format=json -> per-class pixel areas instead
-  POST /v1/overlay    body = PNG/JPEG bytes -> image/png colour overlay (?alpha=0.5)
-Every client mistake is a 4xx with JSON {"error": "..."}; the replica keeps serving.
-The model is resolved, loaded and its metadata parsed once per replica, never per request.
+People (REST):
+  GET  /                  a page to drop an image and see the overlay (serving/web/index.html)
+  GET  /healthz           {"status": "ok", "model": {name, ref, sha256, version}}
+  GET  /v1/model          the model's metadata, providers and request limits
+  POST /v1/segment        body = PNG/JPEG bytes -> image/png uint8 label map at the input's size
+                          ?format=json -> per-class areas + COCO RLE masks + mean uncertainty
+                          ?format=uncertainty -> image/png grey map of per-pixel entropy (0 certain .. 255 uniform)
+  POST /v1/overlay        body = PNG/JPEG bytes -> image/png colour overlay (?alpha=0.5)
+Machines (Open Inference Protocol v2, what KServe and Triton clients speak; tensors in serving/v2.py):
+  GET  /v2, /v2/health/live, /v2/health/ready, /v2/models/{name}[/versions/{v}][/ready]
+  POST /v2/models/{name}[/versions/{v}]/infer
+       input  "image": FP32 [N, 3, H, W] normalised (the ONNX contract), or UINT8 [N, H, W, 3] raw RGB pixels
+       output "labels" UINT8 [N, H, W], "logits" FP32 [N, C, h, w], "entropy" FP32 [N, H, W] in [0, 1]
+       {v} is the first 12 hex digits of the model's sha256, so a moved alias is a new version.
+Propagation (when the replica has a propagation model; images travel as base64 PNG/JPEG inside JSON):
+  POST   /v1/propagate/clip              {"frames": [...], "mask": PNG label map of frames[0]} -> {"masks": [...]}
+  POST   /v1/propagate/sessions          {"frame", "mask"} -> 201 {"session": id, ...}: a stream opens
+  POST   /v1/propagate/sessions/{id}/frames   body = the next frame's PNG/JPEG -> PNG label map
+  DELETE /v1/propagate/sessions/{id}
+  WS     /v1/propagate/stream            first a text {"frame", "mask"}, then binary frames -> binary PNG masks
+  Send `serve_multiplexed_model_id: <id>` with a session's requests: Serve routes it to the replica holding it.
+Operations: GET /metrics (Prometheus), /openapi.json, /docs.
+
+Every client mistake is a 4xx with JSON {"error": "..."}; the replica keeps serving. The model is resolved, its
+sha256 taken and its metadata parsed once per replica; a background thread re-resolves the reference every
+`reload_interval_s` and swaps in a new model when the sha256 changed, without dropping a request. Requests from
+all routes meet in one dynamic batcher (`@serve.batch`) in front of onnxruntime.
 """
 
 # No `from __future__ import annotations` here: serve.ingress rebuilds the routes from the endpoints'
 # signatures and leaves string annotations unresolved (`request: Request` then fails every call with 422).
+import asyncio
+import base64
+import json
+import logging
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from importlib import resources
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from serving.codec import MAX_BODY_BYTES, MAX_SIDE, decode_image, encode_png, make_palette, overlay
+from serving import auth, batching, rest, v2
+from serving.codec import decode_base64 as _b64
+from serving.codec import decode_image, decode_mask, encode_png, make_palette, overlay
 from serving.errors import RequestError
-from serving.onnx_model import OnnxSegmenter, Provider
-from serving.resolve import resolve_model
+from serving.limits import Limits
+from serving.loaded import LoadedModel
+from serving.metrics import CONTENT_TYPE, ServiceMetrics
+from serving.onnx_model import OnnxSegmenter, Provider, choose_providers, entropy_from_logits, labels_from_logits
+from serving.propagation import OnnxPropagator, Stream, resolve_graphs
+from serving.resolve import ResolvedModel, resolve_model
+from serving.sessions import SessionStore
 
 APP_NAME = "segmentation"
-api = FastAPI(title="EndoFlow segmentation")
+log = logging.getLogger("ray.serve")
+api = FastAPI(
+    title="EndoFlow segmentation",
+    version="1",
+    description="Segmentation of endoscopic images: REST for people, Open Inference Protocol v2 for machines.",
+)
 
 
-# serve.ingress freezes a copy of `api` when it decorates the class, so the handlers must be registered first.
+class _Replica:
+    """Per-process state the middleware needs (one replica per Ray actor process): token and metrics."""
+
+    token: str | None = None
+    metrics: ServiceMetrics | None = None
+
+
+# serve.ingress freezes a copy of `api` (and pickles the class) when it decorates the class, so handlers, middleware
+# and every helper the methods call must exist before it: helpers live in modules (batching, rest, v2).
 @api.exception_handler(RequestError)
 async def _request_error(_: Request, err: RequestError) -> JSONResponse:
     return JSONResponse({"error": err.message}, status_code=err.status)
@@ -53,6 +99,20 @@ async def _http_error(_: Request, err: HTTPException) -> JSONResponse:
     return JSONResponse({"error": str(err.detail)}, status_code=err.status_code, headers=err.headers)
 
 
+@api.middleware("http")
+async def _auth_and_metrics(request: Request, call_next: Any) -> Response:
+    start = time.perf_counter()
+    try:
+        auth.check(_Replica.token, request.url.path, request.headers.get("authorization"))
+        response = await call_next(request)
+    except RequestError as err:
+        response = JSONResponse({"error": err.message}, status_code=err.status)
+    if _Replica.metrics is not None:
+        route = request.scope.get("route")
+        _Replica.metrics.observe(getattr(route, "path", "unmatched"), response.status_code, time.perf_counter() - start)
+    return response
+
+
 async def read_body(request: Request, max_bytes: int) -> bytes:
     """The request body, refusing early (413) instead of buffering an oversized upload."""
     declared = request.headers.get("content-length", "")
@@ -67,6 +127,16 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
+async def read_image_body(request: Request, max_bytes: int) -> bytes:
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith(("multipart/", "application/x-www-form-urlencoded")):
+        raise RequestError(415, f"send the image as the raw body (image/png or image/jpeg), not {content_type}")
+    return await read_body(request, max_bytes)
+
+
+V2_OUTPUTS = ("labels", "logits", "entropy")
+
+
 @serve.deployment
 @serve.ingress(api)
 class SegmentationService:
@@ -75,77 +145,383 @@ class SegmentationService:
         model_ref: str,
         *,
         threads: int | None = None,
-        providers: Sequence[Provider] = ("CPUExecutionProvider",),
-        max_body_bytes: int = MAX_BODY_BYTES,
-        max_side: int = MAX_SIDE,
+        providers: str | Sequence[Provider] = ("CPUExecutionProvider",),
+        limits: Limits | dict | None = None,
+        max_body_bytes: int | None = None,
+        max_side: int | None = None,
         cache_dir: str | None = None,
         tracking_uri: str | None = None,
+        max_batch_size: int = 8,
+        batch_wait_timeout_s: float = 0.0,
+        reload_interval_s: float = 60.0,
+        api_token: str | None = None,
+        propagation_model: str | None = None,
+        session_idle_timeout_s: float = 300.0,
     ) -> None:
-        self.resolved = resolve_model(model_ref, cache_dir, tracking_uri)
-        self.model = OnnxSegmenter(self.resolved.path, providers, threads)
-        self.palette = make_palette(len(self.model.class_names))
-        self.max_body_bytes, self.max_side = max_body_bytes, max_side
-        identity = {"name": self.resolved.name, "ref": self.resolved.ref, "sha256": self.resolved.sha256}
-        self.health = {"status": "ok", "model": identity}
-        self.model_info = {
-            **identity,
-            **self.model.metadata.as_dict(),
-            "providers": self.model.providers,
-            "limits": {"max_body_bytes": max_body_bytes, "max_side": max_side},
-        }
+        limits = Limits(**limits) if isinstance(limits, dict) else limits or Limits()
+        overrides = {"max_body_bytes": max_body_bytes, "max_side": max_side}
+        self.limits = Limits(**(limits.as_dict() | {k: v for k, v in overrides.items() if v is not None}))
+        self.model_ref, self.cache_dir, self.tracking_uri = model_ref, cache_dir, tracking_uri
+        self.providers, self.threads = choose_providers(providers), threads
+        self.metrics = ServiceMetrics()
+        _Replica.metrics, _Replica.token = self.metrics, auth.resolve_token(api_token)
+        self.loaded = self._load(resolve_model(model_ref, cache_dir, tracking_uri))
+        # 0 s wait: a lone request runs at once; under load, requests that queued during a run go together.
+        self._logits_batched.set_max_batch_size(max_batch_size)
+        self._logits_batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.batching = {"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s}
+        self.propagator = None
+        if propagation_model:
+            graphs = resolve_graphs(propagation_model, cache_dir, tracking_uri)
+            self.propagator = OnnxPropagator(graphs, self.providers, threads)
+        self.sessions = SessionStore(self.limits.max_sessions, session_idle_timeout_s)
+        self.page = resources.files("serving").joinpath("web/index.html").read_text(encoding="utf-8")
+        if reload_interval_s > 0:
+            threading.Thread(target=self._reload_loop, args=(reload_interval_s,), daemon=True).start()
+
+    def _load(self, resolved: ResolvedModel) -> LoadedModel:
+        model = OnnxSegmenter(resolved.path, self.providers, self.threads)
+        return LoadedModel(resolved, model, make_palette(len(model.class_names)))
+
+    def _reload_loop(self, interval_s: float) -> None:
+        while True:
+            time.sleep(interval_s)
+            try:
+                resolved = resolve_model(self.model_ref, self.cache_dir, self.tracking_uri)
+                if resolved.sha256 != self.loaded.resolved.sha256:
+                    self.loaded = self._load(resolved)  # one attribute store: requests see old or new, never half
+                    self.metrics.reloads.inc()
+                    log.warning("model %s moved: now serving sha256 %s", self.model_ref, resolved.sha256)
+            except Exception as err:  # a registry hiccup must not take down a replica that serves fine
+                log.warning("re-resolving %s failed, still serving the previous model: %s", self.model_ref, err)
+
+    # ---- batching: every route's normalised batches meet here ----------------------------------------------
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
+    async def _logits_batched(self, items: list[tuple[LoadedModel, np.ndarray]]) -> list[np.ndarray]:
+        self.metrics.batch_size.observe(len(items))
+        return await asyncio.to_thread(batching.run_grouped, items)
+
+    async def _logits(self, loaded: LoadedModel, batch_nchw: np.ndarray) -> np.ndarray:
+        return await self._logits_batched((loaded, batch_nchw))
+
+    # ---- REST ------------------------------------------------------------------------------------------------
+
+    @api.get("/", include_in_schema=False)
+    def page(self) -> HTMLResponse:
+        return HTMLResponse(self.page)
 
     @api.get("/healthz")
     def healthz(self) -> dict[str, Any]:
-        return self.health
+        return {"status": "ok", "model": self.loaded.identity}
+
+    @api.get("/metrics", include_in_schema=False)
+    def metrics_text(self) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
     @api.get("/v1/model")
     def describe_model(self) -> dict[str, Any]:
-        return self.model_info
+        loaded = self.loaded
+        return {
+            **loaded.identity,
+            **loaded.model.metadata.as_dict(),
+            "providers": loaded.model.providers,
+            "limits": self.limits.as_dict(),
+            "batching": self.batching,
+        }
 
     @api.post("/v1/segment")
     async def segment(self, request: Request, output_format: str = Query("png", alias="format")) -> Response:
-        if output_format not in ("png", "json"):
-            raise RequestError(400, f"format must be 'png' or 'json', got {output_format!r}")
-        body = await read_body(request, self.max_body_bytes)
-        # Decoding and inference are CPU-bound; a worker thread keeps this replica's event loop responsive.
+        if output_format not in ("png", "json", "uncertainty"):
+            raise RequestError(400, f"format must be 'png', 'json' or 'uncertainty', got {output_format!r}")
+        loaded, image, logits = await self._segment(request)
+        size = image.shape[:2]
         if output_format == "json":
-            return JSONResponse(await run_in_threadpool(self._areas, body))
-        return Response(await run_in_threadpool(self._label_png, body), media_type="image/png")
+            return JSONResponse(await run_in_threadpool(rest.areas_and_masks, loaded, logits, size))
+        if output_format == "uncertainty":
+            png = await run_in_threadpool(rest.entropy_png, logits, size)
+        else:
+            png = await run_in_threadpool(lambda: encode_png(labels_from_logits(logits, size)[0]))
+        return Response(png, media_type="image/png")
 
     @api.post("/v1/overlay")
     async def colour_overlay(self, request: Request, alpha: float = Query(0.5, ge=0.0, le=1.0)) -> Response:
-        body = await read_body(request, self.max_body_bytes)
-        return Response(await run_in_threadpool(self._overlay_png, body, alpha), media_type="image/png")
+        loaded, image, logits = await self._segment(request)
 
-    def _segment(self, body: bytes) -> tuple[np.ndarray, np.ndarray]:
-        image = decode_image(body, max_bytes=self.max_body_bytes, max_side=self.max_side)
-        return image, self.model.predict(image[None])[0]
+        def render() -> bytes:
+            return encode_png(overlay(image, labels_from_logits(logits, image.shape[:2])[0], loaded.palette, alpha))
 
-    def _label_png(self, body: bytes) -> bytes:
-        return encode_png(self._segment(body)[1])
+        return Response(await run_in_threadpool(render), media_type="image/png")
 
-    def _overlay_png(self, body: bytes, alpha: float) -> bytes:
-        image, labels = self._segment(body)
-        return encode_png(overlay(image, labels, self.palette, alpha))
+    async def _segment(self, request: Request) -> tuple[LoadedModel, np.ndarray, np.ndarray]:
+        body = await read_image_body(request, self.limits.max_body_bytes)
+        loaded = self.loaded
 
-    def _areas(self, body: bytes) -> dict[str, Any]:
-        labels = self._segment(body)[1]
-        counts = np.bincount(labels.ravel(), minlength=len(self.model.class_names))
+        def prepare() -> tuple[np.ndarray, np.ndarray]:
+            image = decode_image(body, max_bytes=self.limits.max_body_bytes, max_side=self.limits.max_side)
+            return image, loaded.model.preprocess(image[None])
+
+        # Decoding and inference are CPU-bound; worker threads keep this replica's event loop responsive.
+        image, batch = await run_in_threadpool(prepare)
+        return loaded, image, await self._logits(loaded, batch)
+
+    # ---- Open Inference Protocol v2 ------------------------------------------------------------------------
+
+    @api.get("/v2")
+    def v2_server(self) -> dict[str, Any]:
+        return {"name": "endoflow", "version": "1", "extensions": []}
+
+    @api.get("/v2/health/live")
+    def v2_live(self) -> dict[str, bool]:
+        return {"live": True}
+
+    @api.get("/v2/health/ready")
+    def v2_ready(self) -> dict[str, bool]:
+        return {"ready": True}  # a replica only receives traffic once __init__ loaded the model
+
+    @api.get("/v2/models/{name}")
+    def v2_model(self, name: str) -> dict[str, Any]:
+        return self._v2_metadata(self._v2_model(name, None))
+
+    @api.get("/v2/models/{name}/versions/{version}")
+    def v2_model_version(self, name: str, version: str) -> dict[str, Any]:
+        return self._v2_metadata(self._v2_model(name, version))
+
+    @api.get("/v2/models/{name}/ready")
+    def v2_model_ready(self, name: str) -> dict[str, Any]:
+        return {"name": self._v2_model(name, None).resolved.name, "ready": True}
+
+    @api.get("/v2/models/{name}/versions/{version}/ready")
+    def v2_model_version_ready(self, name: str, version: str) -> dict[str, Any]:
+        return {"name": self._v2_model(name, version).resolved.name, "ready": True}
+
+    @api.post("/v2/models/{name}/infer")
+    async def v2_infer(self, name: str, request: Request) -> Response:
+        return await self._v2_infer(self._v2_model(name, None), request)
+
+    @api.post("/v2/models/{name}/versions/{version}/infer")
+    async def v2_infer_version(self, name: str, version: str, request: Request) -> Response:
+        return await self._v2_infer(self._v2_model(name, version), request)
+
+    def _v2_model(self, name: str, version: str | None) -> LoadedModel:
+        loaded = self.loaded
+        if name != loaded.resolved.name:
+            raise RequestError(404, f"unknown model {name!r}; this server has {loaded.resolved.name!r}")
+        if version is not None and version != loaded.version:
+            raise RequestError(404, f"model {name!r} has no version {version!r}; it serves {loaded.version!r}")
+        return loaded
+
+    def _v2_metadata(self, loaded: LoadedModel) -> dict[str, Any]:
+        classes = len(loaded.model.class_names)
         return {
-            "height": labels.shape[0],
-            "width": labels.shape[1],
-            "areas": [
-                {"index": i, "name": name, "pixels": int(n), "fraction": float(n) / labels.size}
-                for i, (name, n) in enumerate(zip(self.model.class_names, counts, strict=True))
+            "name": loaded.resolved.name,
+            "versions": [loaded.version],
+            "platform": "onnxruntime_onnx",
+            "inputs": [v2.tensor_metadata("image", "FP32", [-1, 3, -1, -1])],
+            "outputs": [
+                v2.tensor_metadata("labels", "UINT8", [-1, -1, -1]),
+                v2.tensor_metadata("logits", "FP32", [-1, classes, -1, -1]),
+                v2.tensor_metadata("entropy", "FP32", [-1, -1, -1]),
             ],
+            "parameters": {"also_accepts": "image as UINT8 [N, H, W, 3] RGB pixels", **loaded.identity},
         }
 
+    async def _v2_infer(self, loaded: LoadedModel, request: Request) -> Response:
+        body = await read_body(request, self.limits.max_body_bytes)
+        header_length = request.headers.get(v2.HEADER_LENGTH)
+        if header_length is None:  # all-JSON tensors can be megabytes of text: parse off the event loop
+            parsed = await run_in_threadpool(v2.parse_request, body, None, self.limits.max_tensor_elements)
+        else:  # binary tensors are views of the body: parsing is only the small JSON header
+            parsed = v2.parse_request(body, header_length, self.limits.max_tensor_elements)
+        wanted = parsed.outputs if parsed.outputs is not None else list(V2_OUTPUTS)
+        if unknown := [o for o in wanted if o not in V2_OUTPUTS]:
+            raise RequestError(400, f"unknown outputs {unknown}; this model has {list(V2_OUTPUTS)}")
+        batch, size = await run_in_threadpool(self._v2_batch, loaded, parsed.inputs)
+        logits = await self._logits(loaded, batch)
 
-def build_app(model_ref: str, *, num_replicas: int = 1, threads: int | None = None, **options: Any) -> Application:
-    """The bound application. Each replica reserves as many Ray CPUs as onnxruntime threads it runs, so
-    replicas packed on one node do not oversubscribe it. `options` go to SegmentationService."""
+        def respond() -> tuple[bytes, int | None]:
+            tensors = {"labels": lambda: labels_from_logits(logits, size), "logits": lambda: logits}
+            tensors["entropy"] = lambda: entropy_from_logits(logits, size)
+            outputs = {name: tensors[name]() for name in wanted}
+            return v2.encode_response(loaded.resolved.name, loaded.version, parsed, outputs)
+
+        payload, json_length = await run_in_threadpool(respond)
+        if json_length is None:
+            return Response(payload, media_type="application/json")
+        return Response(
+            payload,
+            media_type="application/octet-stream",
+            headers={"Inference-Header-Content-Length": str(json_length)},
+        )
+
+    def _v2_batch(self, loaded: LoadedModel, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, tuple[int, int]]:
+        """The v2 "image" input -> (normalised model batch, (H, W) the outputs come back at)."""
+        if set(inputs) != {"image"}:
+            raise RequestError(400, f"expected exactly one input named 'image', got {sorted(inputs)}")
+        image = inputs["image"]
+        model, limits = loaded.model, self.limits
+        if image.ndim != 4 or not 1 <= image.shape[0] <= limits.max_batch:
+            raise RequestError(
+                400, f"input 'image' must be rank 4 with 1..{limits.max_batch} images, got shape {list(image.shape)}"
+            )
+        if image.dtype == np.uint8:
+            if image.shape[3] != 3 or 0 in image.shape[1:3]:
+                raise RequestError(400, f"UINT8 input 'image' must be [N, H, W, 3] RGB, got {list(image.shape)}")
+            self._check_sides(image.shape[1:3])
+            return model.preprocess(image), image.shape[1:3]
+        if image.dtype != np.float32:
+            raise RequestError(
+                400, f"input 'image' must be FP32 [N, 3, H, W] or UINT8 [N, H, W, 3], got {v2.datatype_of(image)}"
+            )
+        multiple = model.metadata.size_multiple
+        if image.shape[1] != 3 or 0 in image.shape[2:] or image.shape[2] % multiple or image.shape[3] % multiple:
+            raise RequestError(
+                400,
+                f"FP32 input 'image' must be [N, 3, H, W] with H, W multiples of {multiple}, got {list(image.shape)}",
+            )
+        self._check_sides(image.shape[2:])
+        if not np.isfinite(image).all():
+            raise RequestError(400, "input 'image' contains NaN or infinite values")
+        return np.ascontiguousarray(image), image.shape[2:]
+
+    # ---- propagation: clip and stream ------------------------------------------------------------------------
+
+    def _propagator(self) -> OnnxPropagator:
+        if self.propagator is None:
+            raise RequestError(404, "this server has no propagation model (start it with propagation_model=...)")
+        return self.propagator
+
+    def _open_stream(self, doc: Any) -> Stream:
+        """{"frame": base64 image, "mask": base64 label PNG} -> a Stream (CPU-bound: run it in a thread)."""
+        model = self._propagator()
+        if not isinstance(doc, dict) or not isinstance(doc.get("frame"), str) or not isinstance(doc.get("mask"), str):
+            raise RequestError(400, 'expected a JSON object {"frame": base64 PNG/JPEG, "mask": base64 label PNG}')
+        frame = decode_image(_b64(doc["frame"], "frame"), max_side=self.limits.max_side)
+        return Stream(model, frame, decode_mask(_b64(doc["mask"], "mask"), max_side=self.limits.max_side))
+
+    async def _json_body(self, request: Request) -> Any:
+        body = await read_body(request, self.limits.max_body_bytes)
+        try:
+            return json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise RequestError(400, f"body is not valid JSON: {err}") from err
+
+    @serve.multiplexed(max_num_models_per_replica=256)  # >= any sane max_sessions; the store enforces the bound
+    async def _route_session(self, session_id: str) -> str:
+        """Multiplexing as session affinity: 'loading' an id makes Serve route requests carrying it here."""
+        return session_id
+
+    @api.post("/v1/propagate/clip")
+    async def propagate_clip(self, request: Request) -> dict[str, Any]:
+        doc = await self._json_body(request)
+        frames = doc.get("frames") if isinstance(doc, dict) else None
+        if not isinstance(frames, list) or not frames or not all(isinstance(f, str) for f in frames):
+            raise RequestError(400, 'expected {"frames": [base64 PNG/JPEG, ...], "mask": base64 label PNG}')
+        if len(frames) > self.limits.max_frames:
+            raise RequestError(413, f"{len(frames)} frames; the limit is {self.limits.max_frames} per clip")
+
+        def run() -> dict[str, Any]:
+            stream = self._open_stream({"frame": frames[0], "mask": doc.get("mask")})
+            masks = [np.where(np.isin(m := decode_mask(_b64(doc["mask"], "mask")), stream.objects), m, 0)]
+            for index, frame in enumerate(frames[1:], start=1):
+                masks.append(stream.step(decode_image(_b64(frame, f"frames[{index}]"), max_side=self.limits.max_side)))
+            encoded = [base64.b64encode(encode_png(m.astype(np.uint8))).decode() for m in masks]
+            return {"objects": stream.objects, "masks": encoded}
+
+        return await run_in_threadpool(run)
+
+    @api.post("/v1/propagate/sessions", status_code=201)
+    async def open_session(self, request: Request) -> dict[str, Any]:
+        stream = await run_in_threadpool(self._open_stream, await self._json_body(request))
+        session = self.sessions.add(stream)
+        await self._route_session(session.id)
+        self.metrics.sessions.set(len(self.sessions))
+        return {
+            "session": session.id,
+            "objects": stream.objects,
+            "idle_timeout_s": self.sessions.idle_timeout_s,
+            "headers": {"serve_multiplexed_model_id": session.id},  # send these with the session's requests
+        }
+
+    @api.post("/v1/propagate/sessions/{session_id}/frames")
+    async def session_frame(self, session_id: str, request: Request) -> Response:
+        session = self.sessions.get(session_id)
+        await self._route_session(session_id)  # keeps the route fresh in the multiplexing LRU
+        body = await read_image_body(request, self.limits.max_body_bytes)
+        async with session.lock:  # frames of one stream must be processed in order
+            labels = await run_in_threadpool(
+                lambda: session.stream.step(decode_image(body, max_side=self.limits.max_side))
+            )
+        return Response(await run_in_threadpool(encode_png, labels), media_type="image/png")
+
+    @api.delete("/v1/propagate/sessions/{session_id}")
+    def close_session(self, session_id: str) -> dict[str, str]:
+        self.sessions.close(session_id)
+        self.metrics.sessions.set(len(self.sessions))
+        return {"closed": session_id}
+
+    @api.websocket("/v1/propagate/stream")
+    async def stream_socket(self, socket: WebSocket) -> None:
+        """A stream over one WebSocket (pinned to this replica): its session closes with the socket."""
+        if _Replica.token is not None:  # the HTTP middleware does not see WebSockets
+            try:
+                auth.check(_Replica.token, "/v1/propagate/stream", socket.headers.get("authorization"))
+            except RequestError as err:
+                await socket.close(code=1008, reason=err.message)
+                return
+        await socket.accept()
+        session = None
+        try:
+            try:
+                opening = json.loads(await socket.receive_text())
+                session = self.sessions.add(await run_in_threadpool(self._open_stream, opening))
+            except (RequestError, json.JSONDecodeError) as err:
+                await socket.send_json({"error": getattr(err, "message", f"first message is not JSON: {err}")})
+                await socket.close(code=1003)
+                return
+            self.metrics.sessions.set(len(self.sessions))
+            await socket.send_json({"session": session.id, "objects": session.stream.objects})
+            while True:
+                frame = await socket.receive_bytes()
+                try:
+                    image = await run_in_threadpool(decode_image, frame, max_side=self.limits.max_side)
+                    labels = await run_in_threadpool(session.stream.step, image)
+                    session.last_used = self.sessions.clock()
+                    await socket.send_bytes(await run_in_threadpool(encode_png, labels))
+                except RequestError as err:
+                    await socket.send_json({"error": err.message})
+        except WebSocketDisconnect:
+            pass
+        finally:
+            if session is not None:
+                self.sessions.sessions.pop(session.id, None)
+                self.metrics.sessions.set(len(self.sessions))
+
+    def _check_sides(self, size: tuple[int, ...]) -> None:
+        if max(size) > self.limits.max_side:
+            raise RequestError(
+                413, f"image is {size[1]}x{size[0]}; the limit is {self.limits.max_side} pixels per side"
+            )
+
+
+def build_app(
+    model_ref: str,
+    *,
+    num_replicas: int = 1,
+    threads: int | None = None,
+    autoscaling: dict[str, Any] | None = None,
+    max_ongoing_requests: int = 64,
+    **options: Any,
+) -> Application:
+    """The bound application. Each replica reserves as many Ray CPUs as onnxruntime threads it runs, so replicas
+    packed on one node do not oversubscribe it. `autoscaling` (Serve's autoscaling_config: min_replicas,
+    max_replicas, target_ongoing_requests, ...) replaces the fixed num_replicas. `options` go to
+    SegmentationService."""
     threads = threads or 1
-    deployment = SegmentationService.options(num_replicas=num_replicas, ray_actor_options={"num_cpus": threads})
+    scaling: dict[str, Any] = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": num_replicas}
+    deployment = SegmentationService.options(
+        **scaling, max_ongoing_requests=max_ongoing_requests, ray_actor_options={"num_cpus": threads}
+    )
     return deployment.bind(model_ref, threads=threads, **options)
 
 

@@ -9,6 +9,8 @@ costs nothing.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import colorsys
 import io
 
@@ -105,3 +107,33 @@ def overlay(image: np.ndarray, labels: np.ndarray, palette: np.ndarray, alpha: f
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     blended = image.astype(np.float32) * (1.0 - alpha) + palette[labels].astype(np.float32) * alpha
     return blended.round().astype(np.uint8)
+
+
+def decode_mask(data: bytes, *, max_bytes: int = MAX_BODY_BYTES, max_side: int = MAX_SIDE) -> np.ndarray:
+    """A single-channel PNG label map (mode L or P: pixel value = class index) -> uint8 (H, W), or 4xx.
+
+    PNG only: JPEG's lossy compression would invent labels at every boundary."""
+    if not data:
+        raise RequestError(400, "empty mask: send a single-channel PNG label map")
+    if len(data) > max_bytes:
+        raise RequestError(413, f"mask is {len(data)} bytes; the limit is {max_bytes}")
+    if sniff_format(data) != "PNG":
+        raise RequestError(415, "masks must be PNG label maps (JPEG would blur the labels)")
+    try:
+        image = Image.open(io.BytesIO(data), formats=["PNG"])
+        if max(image.size) > max_side:
+            raise RequestError(413, f"mask is {image.size[0]}x{image.size[1]}; the limit is {max_side} per side")
+        if image.mode not in ("L", "P"):
+            raise RequestError(400, f"mask has mode {image.mode}; expected a single-channel (L or P) label PNG")
+        image.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise RequestError(400, f"corrupt or truncated mask PNG: {err}") from err
+    return np.asarray(image, dtype=np.uint8)
+
+
+def decode_base64(text: str, what: str) -> bytes:
+    """A base64 field of a JSON body -> bytes, or RequestError 400 naming the field."""
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise RequestError(400, f"{what} is not valid base64: {err}") from err

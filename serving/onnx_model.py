@@ -91,6 +91,31 @@ class SegmentationMetadata:
         return asdict(self)
 
 
+def make_session(
+    path: Path, providers: Sequence[Provider] = ("CPUExecutionProvider",), intra_op_threads: int | None = None
+) -> ort.InferenceSession:
+    """An onnxruntime session with deliberate options, on exactly the requested providers or a RuntimeError."""
+    requested = [p if isinstance(p, str) else p[0] for p in providers]
+    available = ort.get_available_providers()
+    if missing := [p for p in requested if p not in available]:
+        raise RuntimeError(f"{path}: execution providers {missing} are not in this onnxruntime ({available})")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # conv nets: the parallelism is intra-op
+    options.inter_op_num_threads = 1
+    options.intra_op_num_threads = intra_op_threads or 0  # 0 = onnxruntime's choice (all physical cores)
+    # Idle spinning threads would steal CPU from the other Ray actors sharing this node between requests.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3  # errors only
+    # Load from the path (not bytes) so weights saved as external data next to the file are found.
+    session = ort.InferenceSession(str(path), options, providers=list(providers))
+    # A provider that fails to initialise (e.g. missing CUDA libraries) is dropped with only a log line.
+    if inactive := [p for p in requested if p not in session.get_providers()]:
+        raise RuntimeError(f"{path}: execution providers {inactive} failed to initialise")
+    session.disable_fallback()  # and never rerun a failed call on CPU behind our back
+    return session
+
+
 class OnnxSegmenter:
     def __init__(
         self,
@@ -99,25 +124,7 @@ class OnnxSegmenter:
         intra_op_threads: int | None = None,
     ) -> None:
         self.path = Path(path)
-        requested = [p if isinstance(p, str) else p[0] for p in providers]
-        available = ort.get_available_providers()
-        if missing := [p for p in requested if p not in available]:
-            raise RuntimeError(f"{self.path}: execution providers {missing} are not in this onnxruntime ({available})")
-
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # one conv net: parallelism is intra-op
-        options.inter_op_num_threads = 1
-        options.intra_op_num_threads = intra_op_threads or 0  # 0 = onnxruntime's choice (all physical cores)
-        # Idle spinning threads would steal CPU from the other Ray actors sharing this node between requests.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.log_severity_level = 3  # errors only
-        # Load from the path (not bytes) so weights saved as external data next to the file are found.
-        self.session = ort.InferenceSession(str(self.path), options, providers=list(providers))
-        # A provider that fails to initialise (e.g. missing CUDA libraries) is dropped with only a log line.
-        if inactive := [p for p in requested if p not in self.session.get_providers()]:
-            raise RuntimeError(f"{self.path}: execution providers {inactive} failed to initialise")
-        self.session.disable_fallback()  # and never rerun a failed call on CPU behind our back
+        self.session = make_session(self.path, providers, intra_op_threads)
         self.providers = self.session.get_providers()
 
         props = self.session.get_modelmeta().custom_metadata_map
@@ -172,11 +179,47 @@ class OnnxSegmenter:
         """uint8 [N, H, W, 3] RGB -> uint8 labels [N, H, W] at the images' own size."""
         if images_nhwc.dtype != np.uint8 or images_nhwc.ndim != 4 or images_nhwc.shape[3] != 3:
             raise ValueError(f"expected uint8 [N, H, W, 3], got {images_nhwc.dtype} {images_nhwc.shape}")
-        labels_small = self.logits(self.preprocess(images_nhwc)).argmax(axis=1).astype(np.uint8)
-        height, width = images_nhwc.shape[1:3]
-        if labels_small.shape[1:] == (height, width):
-            return labels_small
-        # Nearest keeps labels valid class indices; interpolating them would invent classes at boundaries.
-        return np.stack(
-            [np.asarray(Image.fromarray(m).resize((width, height), Image.Resampling.NEAREST)) for m in labels_small]
-        )
+        return labels_from_logits(self.logits(self.preprocess(images_nhwc)), images_nhwc.shape[1:3])
+
+
+def labels_from_logits(logits_nchw: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """float32 [N, C, h, w] -> uint8 labels [N, H, W] at `size` = (H, W)."""
+    labels_small = logits_nchw.argmax(axis=1).astype(np.uint8)
+    height, width = size
+    if labels_small.shape[1:] == (height, width):
+        return labels_small
+    # Nearest keeps labels valid class indices; interpolating them would invent classes at boundaries.
+    return np.stack(
+        [np.asarray(Image.fromarray(m).resize((width, height), Image.Resampling.NEAREST)) for m in labels_small]
+    )
+
+
+def entropy_from_logits(logits_nchw: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """float32 [N, C, h, w] -> float32 [N, H, W] softmax entropy divided by log(C): 0 = certain, 1 = uniform."""
+    shifted = logits_nchw - logits_nchw.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    entropy = -(np.exp(log_probs) * log_probs).sum(axis=1) / np.log(max(logits_nchw.shape[1], 2))
+    entropy = np.clip(entropy, 0.0, 1.0).astype(np.float32)
+    height, width = size
+    if entropy.shape[1:] == (height, width):
+        return entropy
+    return np.stack(
+        [np.asarray(Image.fromarray(e).resize((width, height), Image.Resampling.BILINEAR)) for e in entropy]
+    )
+
+
+# Accelerators first; "auto" takes whichever of these this onnxruntime build really offers.
+_AUTO_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def choose_providers(spec: str | Sequence[Provider]) -> tuple[Provider, ...]:
+    """ "auto", a comma-separated string, or a sequence -> providers for OnnxSegmenter (which checks they load)."""
+    if isinstance(spec, str):
+        if spec.strip() == "auto":
+            available = ort.get_available_providers()
+            return tuple(p for p in _AUTO_ORDER if p in available)
+        spec = [p.strip() for p in spec.split(",") if p.strip()]
+    providers = tuple(spec)
+    if not providers:
+        raise ValueError("no execution providers given")
+    return providers

@@ -54,17 +54,24 @@ def _download_registered(ref: str, cache_dir: str | Path | None, tracking_uri: s
     import mlflow  # only registry references pay for this import (a second or two)
     from mlflow.exceptions import MlflowException
 
-    if tracking_uri:
-        # models:/ refs are looked up in the registry store, which follows these process-wide settings.
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
     dst_path = None
     if cache_dir is not None:
         # One folder per reference, overwritten on each resolve: an alias may have moved since last time.
         dst_path = Path(cache_dir) / re.sub(r"[^A-Za-z0-9_.-]", "_", ref.removeprefix("models:/"))
         dst_path.mkdir(parents=True, exist_ok=True)
+    # The registry is asked through a client with explicit URIs, never through process-wide settings: a replica
+    # or test resolving against one server must not redirect every later MLflow call in the process (and
+    # download_artifacts("models:/...") ignores its registry_uri argument in MLflow 3.17).
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=dst_path and str(dst_path))
+        if match["alias"]:
+            version = client.get_model_version_by_alias(match["name"], match["alias"]).version
+        else:
+            version = match["version"]
+        files_uri = client.get_model_version_download_uri(match["name"], version)
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=files_uri, dst_path=dst_path and str(dst_path), tracking_uri=tracking_uri
+        )
     except MlflowException as err:
         if err.error_code == "RESOURCE_DOES_NOT_EXIST":
             raise FileNotFoundError(f"{ref}: {err.message}") from err

@@ -7,12 +7,14 @@ and at most 1 anywhere else. Mid grey normalises to ~0 and falls to the bias of 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import socket
 import struct
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -48,9 +50,9 @@ def metadata_props() -> dict[str, str]:
     }
 
 
-def make_model(props: dict[str, str] | None = None) -> onnx.ModelProto:
+def make_model(props: dict[str, str] | None = None, bias: np.ndarray = BIAS) -> onnx.ModelProto:
     weight = numpy_helper.from_array(WEIGHTS.reshape(7, 3, 1, 1), "weight")
-    bias = numpy_helper.from_array(BIAS, "bias")
+    bias = numpy_helper.from_array(bias, "bias")
     graph = helper.make_graph(
         [helper.make_node("Conv", ["image", "weight", "bias"], ["logits"])],
         "colour_classifier",
@@ -65,8 +67,8 @@ def make_model(props: dict[str, str] | None = None) -> onnx.ModelProto:
     return model
 
 
-def save_model(path: Path, props: dict[str, str] | None = None) -> Path:
-    onnx.save_model(make_model(props), str(path))
+def save_model(path: Path, props: dict[str, str] | None = None, bias: np.ndarray = BIAS) -> Path:
+    onnx.save_model(make_model(props, bias), str(path))
     return path
 
 
@@ -359,3 +361,24 @@ def test_http_oversized_body_is_413(server: httpx.Client) -> None:
     chunked = server.post("/v1/segment", content=iter([b"\x89PNG\r\n\x1a\n", bytes(MAX_HTTP_BODY)]))
     assert chunked.status_code == 413 and "limit" in chunked.json()["error"]
     assert server.post("/v1/segment", content=to_bytes(solid("red"))).status_code == 200
+
+
+@contextlib.contextmanager
+def serving(model: Path, **options) -> Iterator[str]:
+    """Serve `model` on a free loopback port for one test module; yields the base URL, leaves no app behind."""
+    from ray import serve
+
+    from serving.app import run_app
+
+    port = free_port()
+    options.setdefault("reload_interval_s", 0)
+    try:
+        run_app(str(model), port=port, host="127.0.0.1", **options)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+
+
+def normalised(image: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3) -> the model's FP32 (1, 3, H, W) input (mean = std = 0.5)."""
+    return ((image.astype(np.float32) / 255 - 0.5) / 0.5).transpose(2, 0, 1)[None].copy()

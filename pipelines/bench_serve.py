@@ -1,0 +1,357 @@
+"""Serving benchmark: the same segmenter, the same machine, one run, four ways of answering a request.
+
+  (a) bare      onnxruntime in this process: normalised FP32 [1, 3, S, S] -> session.run -> argmax
+  (b) v2        this service, Open Inference Protocol v2, binary FP32 in -> binary UINT8 labels out
+  (c) rest      this service, POST PNG -> PNG label map
+  (d) naive     FastAPI + torch eager (pipelines/naive_torch_server.py), POST PNG -> PNG label map
+(b) and (c) run once per ingress: Ray Serve's default Python proxy and its HAProxy ingress
+(RAY_SERVE_ENABLE_HA_PROXY=1, Ray >= 2.55), each in a fresh subprocess because the flag is read when Serve starts.
+Every mode is measured at each concurrency for `seconds` by closed-loop client threads with keep-alive
+connections (http.client: the cheapest Python client, so the client adds as little as possible to every mode).
+The model is an untrained default (`lite`) segmenter: latency does not depend on the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+Send = Callable[[Any], int]  # (per-thread state) -> HTTP status (200 = ok)
+
+
+def prepare(workdir: Path, input_size: int) -> tuple[Path, Path]:
+    """Export one untrained segmenter to ONNX and save the same weights for the torch server."""
+    import torch
+
+    from training.export import export_segmenter
+    from training.models.unet import Segmenter, UNetConfig
+
+    torch.manual_seed(0)
+    model = Segmenter(UNetConfig()).eval()
+    onnx_path = export_segmenter(model, workdir / "bench_segmenter.onnx", input_size=input_size)
+    checkpoint = workdir / "bench_segmenter.pt"
+    torch.save(
+        {"config": model.cfg.model_dump_json(), "state_dict": model.state_dict(), "input_size": input_size}, checkpoint
+    )
+    return onnx_path, checkpoint
+
+
+def prepare_propagation(workdir: Path, input_size: int) -> Path:
+    """The default propagation network, untrained, exported as its three graphs (speed does not need weights)."""
+    import torch
+
+    from training.models.propagation.network import PropagationConfig, PropagationNet
+    from training.propagate.export import export_propagation
+
+    torch.manual_seed(0)
+    export_propagation(PropagationNet(PropagationConfig()).eval(), workdir / "propagation", input_size=input_size)
+    return workdir / "propagation"
+
+
+def bench_streams(port: int, size: int, frames: int, sessions: tuple[int, ...] = (1, 4)) -> list[dict]:
+    """WebSocket streams: open with frame 0 + mask, then `frames` frames each; frames/s per session and in all."""
+    import base64
+
+    from websockets.sync.client import connect
+
+    image = png_bytes(test_image(size))
+    mask = np.zeros((size, size), np.uint8)
+    mask[size // 4 : size // 2, size // 4 : size // 2], mask[:, : size // 8] = 3, 1
+    opening = json.dumps(
+        {"frame": base64.b64encode(image).decode(), "mask": base64.b64encode(png_bytes(mask)).decode()}
+    )
+    results = []
+    for count in sessions:
+        rates: list[float] = []
+        errors = [0]
+
+        def one_stream(rates: list[float] = rates, errors: list[int] = errors) -> None:
+            with connect(f"ws://127.0.0.1:{port}/v1/propagate/stream", max_size=None, open_timeout=60) as socket:
+                socket.send(opening)
+                json.loads(socket.recv(timeout=60))
+                start = time.perf_counter()
+                for _ in range(frames):
+                    socket.send(image)
+                    errors[0] += not isinstance(socket.recv(timeout=60), bytes)
+                rates.append(frames / (time.perf_counter() - start))
+
+        threads = [threading.Thread(target=one_stream) for _ in range(count)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        results.append(
+            {
+                "sessions": count,
+                "frames_per_session": frames,
+                "fps_per_session": round(float(np.mean(rates)), 2),
+                "fps_total": round(float(np.sum(rates)), 2),
+                "errors": errors[0] + count - len(rates),
+            }
+        )
+    return results
+
+
+def test_image(size: int) -> np.ndarray:
+    """A smooth synthetic frame (gradients + a disc): PNG-compressible like a real one, no data needed."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    disc = ((x - 0.5) ** 2 + (y - 0.5) ** 2 < 0.1).astype(np.float32)
+    rgb = np.stack([0.6 + 0.3 * x, 0.3 + 0.2 * y + 0.3 * disc, 0.3 * (1 - x)], axis=-1)
+    return (rgb * 255).clip(0, 255).astype(np.uint8)
+
+
+def closed_loop(make_state: Callable[[], Any], send: Send, concurrency: int, seconds: float) -> dict[str, Any]:
+    """`concurrency` threads each send back-to-back for `seconds` (after a short warm-up)."""
+    latencies: list[list[float]] = [[] for _ in range(concurrency)]
+    errors = [0] * concurrency
+    start_at = time.monotonic() + 0.5
+    stop_at = start_at + seconds
+
+    def worker(index: int) -> None:
+        state = make_state()
+        while time.monotonic() < start_at:  # warm-up: connections open, caches hot
+            try:
+                send(state)
+            except (OSError, http.client.HTTPException):
+                state = make_state()
+        while time.monotonic() < stop_at:
+            began = time.perf_counter()
+            try:
+                ok = send(state) == 200
+            except (OSError, http.client.HTTPException):
+                ok, state = False, make_state()
+            latencies[index].append(time.perf_counter() - began)
+            errors[index] += not ok
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    ms = np.concatenate([np.array(x) for x in latencies]) * 1000
+    if not ms.size:
+        raise RuntimeError(f"no request finished in {seconds}s at concurrency {concurrency}")
+    return {
+        "concurrency": concurrency,
+        "requests": int(ms.size),
+        "errors": int(sum(errors)),
+        "p50_ms": round(float(np.percentile(ms, 50)), 3),
+        "p99_ms": round(float(np.percentile(ms, 99)), 3),
+        "throughput_rps": round(ms.size / seconds, 1),
+    }
+
+
+def http_sender(port: int, path: str, body: bytes, headers: dict[str, str]) -> tuple[Callable[[], Any], Send]:
+    def make_state() -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+
+    def send(connection: http.client.HTTPConnection) -> int:
+        connection.request("POST", path, body=body, headers=headers)
+        response = connection.getresponse()
+        response.read()
+        return response.status
+
+    return make_state, send
+
+
+def v2_body(batch: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    spec = {"name": "image", "shape": list(batch.shape), "datatype": "FP32"}
+    spec["parameters"] = {"binary_data_size": batch.nbytes}
+    output = {"name": "labels", "parameters": {"binary_data": True}}
+    header = json.dumps({"inputs": [spec], "outputs": [output]}).encode()
+    return header + batch.tobytes(), {
+        "Inference-Header-Content-Length": str(len(header)),
+        "Content-Type": "application/octet-stream",
+    }
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def bench_bare(model_path: Path, threads: int, levels: list[int], seconds: float) -> list[dict]:
+    from serving.onnx_model import OnnxSegmenter
+
+    model = OnnxSegmenter(model_path, intra_op_threads=threads)
+    batch = model.preprocess(test_image(model.input_size[0])[None])
+
+    def send(_: Any) -> int:
+        model.logits(batch).argmax(axis=1).astype(np.uint8)
+        return 200
+
+    return [closed_loop(lambda: None, send, c, seconds) for c in levels]
+
+
+def bench_service(
+    model_path: Path, ingress: str, threads: int, levels: list[int], seconds: float, propagation: Path | None = None
+) -> dict:
+    """Runs in its own process (see main): Serve's ingress is chosen by env vars read when Serve starts."""
+    from pipelines.local_ray import local_ray
+    from serving.app import run_app
+    from serving.onnx_model import OnnxSegmenter
+
+    model = OnnxSegmenter(model_path)
+    size = model.input_size[0]
+    batch = model.preprocess(test_image(size)[None])
+    port = _free_port()
+    with local_ray(num_cpus=max(threads, 2)):
+        from ray import serve
+
+        options = {"propagation_model": str(propagation)} if propagation else {}
+        run_app(str(model_path), port=port, threads=threads, reload_interval_s=0, max_batch_size=8, **options)
+        warm_state, warm = http_sender(port, "/v1/segment", png_bytes(test_image(size)), {})
+        state = warm_state()
+        for _ in range(5):
+            warm(state)
+        name = Path(model_path).stem
+        results = {}
+        body, headers = v2_body(batch)
+        make_state, send = http_sender(port, f"/v2/models/{name}/infer", body, headers)
+        results["v2"] = [closed_loop(make_state, send, c, seconds) for c in levels]
+        make_state, send = http_sender(port, "/v1/segment", png_bytes(test_image(size)), {"Content-Type": "image/png"})
+        results["rest"] = [closed_loop(make_state, send, c, seconds) for c in levels]
+        if propagation:
+            results["streams"] = bench_streams(port, size, frames=max(10, int(seconds * 5)))
+        serve.shutdown()
+    return results
+
+
+def bench_naive(checkpoint: Path, size: int, threads: int, levels: list[int], seconds: float) -> list[dict]:
+    port = _free_port()
+    env = os.environ | {"ENDOFLOW_NAIVE_CHECKPOINT": str(checkpoint), "ENDOFLOW_NAIVE_THREADS": str(threads)}
+    command = [sys.executable, "-m", "uvicorn", "pipelines.naive_torch_server:app", "--port", str(port)]
+    server = subprocess.Popen([*command, "--log-level", "warning"], env=env)
+    try:
+        _wait_port(port, 120)
+        make_state, send = http_sender(port, "/v1/segment", png_bytes(test_image(size)), {"Content-Type": "image/png"})
+        warm = make_state()
+        for _ in range(10):  # torch's first calls are seconds slower (allocator, kernels): not what we measure
+            send(warm)
+        return [closed_loop(make_state, send, c, seconds) for c in levels]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def bench_serve(
+    out: Path,
+    *,
+    seconds: float = 4.0,
+    threads: int = 2,
+    levels: tuple[int, ...] = (1, 8, 32),
+    input_size: int = 256,
+    ingresses: tuple[str, ...] = ("default", "haproxy"),
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    workdir = out.parent / "serve_bench_model"
+    workdir.mkdir(exist_ok=True)
+    model_path, checkpoint = prepare(workdir, input_size)
+    propagation = prepare_propagation(workdir, input_size)
+    report: dict[str, Any] = {
+        "machine": f"{platform.node()} {os.cpu_count()} CPUs, shared with other jobs (load {os.getloadavg()[0]:.1f})",
+        "model": "untrained default lite segmenter",
+        "input_size": input_size,
+        "threads_per_server": threads,
+        "seconds_per_cell": seconds,
+    }
+    log("(a) bare onnxruntime")
+    report["a_bare_onnxruntime"] = bench_bare(model_path, threads, list(levels), seconds)
+    for ingress in ingresses:
+        log(f"(b, c) service, {ingress} ingress")
+        result_file = workdir / f"service_{ingress}.json"
+        env = os.environ | ({"RAY_SERVE_ENABLE_HA_PROXY": "1"} if ingress == "haproxy" else {})
+        args = ["service", str(model_path), ingress, str(threads), ",".join(map(str, levels)), str(seconds)]
+        # Streams once, on the default ingress: the WebSocket path does not depend on the ingress choice here.
+        args += [str(result_file), str(propagation) if ingress == ingresses[0] else ""]
+        subprocess.run([sys.executable, "-m", "pipelines.bench_serve", *args], env=env, check=True)
+        service = json.loads(result_file.read_text())
+        report[f"b_v2_binary_{ingress}"] = service["v2"]
+        report[f"c_rest_png_{ingress}"] = service["rest"]
+        if "streams" in service:
+            report["propagation_streams_websocket"] = service["streams"]
+    log("(d) naive FastAPI + torch eager")
+    report["d_naive_torch"] = bench_naive(checkpoint, input_size, threads, list(levels), seconds)
+    report["summary"] = _summary(report, ingresses)
+    out.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _summary(report: dict[str, Any], ingresses: tuple[str, ...]) -> dict[str, Any]:
+    def at(key: str, concurrency: int) -> dict:
+        return next(r for r in report[key] if r["concurrency"] == concurrency)
+
+    summary: dict[str, Any] = {}
+    for ingress in ingresses:
+        b1, a1 = at(f"b_v2_binary_{ingress}", 1), at("a_bare_onnxruntime", 1)
+        b8, d8 = at(f"b_v2_binary_{ingress}", 8), at("d_naive_torch", 8)
+        summary[ingress] = {
+            "v2_overhead_p50_ms_at_1": round(b1["p50_ms"] - a1["p50_ms"], 3),
+            "v2_vs_naive_throughput_at_8": round(b8["throughput_rps"] / max(d8["throughput_rps"], 1e-9), 2),
+        }
+    summary["errors"] = sum(r.get("errors", 0) for v in report.values() if isinstance(v, list) for r in v)
+    return summary
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_port(port: int, timeout_s: float) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout_s:.0f}s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m pipelines.bench_serve service MODEL INGRESS THREADS LEVELS SECONDS OUT [PROPAGATION]`: one service
+    run, in its own process because the ingress is chosen by env vars read when Serve starts."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("role", choices=["service"])
+    parser.add_argument("model", type=Path)
+    parser.add_argument("ingress")
+    parser.add_argument("threads", type=int)
+    parser.add_argument("levels")
+    parser.add_argument("seconds", type=float)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("propagation", nargs="?", default="")
+    args = parser.parse_args(argv)
+    # HAProxy holds a descriptor per connection and per replica; the default soft limit can be too low.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 16384), hard), hard))
+    levels = [int(x) for x in args.levels.split(",")]
+    propagation = Path(args.propagation) if args.propagation else None
+    result = bench_service(args.model, args.ingress, args.threads, levels, args.seconds, propagation)
+    args.out.write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Mask propagation with the three exported graphs (encode_key, encode_value, segment), onnxruntime only.
+
+The contract is the module docstring of training/propagate/export.py (read, never imported: no torch here).
+Shapes: frames_hw3 are the client's uint8 RGB frames at any size; they are resized to the graphs' training
+`input_size` (H, W), and label maps come back at the client's size. Keys (1, Dk, h, w), values (N, Dv, h, w),
+probs (1, N + 1, H, W), with h, w = H/16, W/16 and N the objects of the first mask.
+A Stream holds one video's memory; it is not thread-safe (the caller serialises steps of one stream).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from serving.errors import RequestError
+from serving.onnx_model import Provider, make_session
+from serving.resolve import ResolvedModel, resolve_model
+
+GRAPHS = ("encode_key", "encode_value", "segment")
+
+
+@dataclass(frozen=True)
+class PropagationMetadata:
+    class_names: tuple[str, ...]
+    input_size: tuple[int, int]
+    mean: np.ndarray  # float32 (3,)
+    std: np.ndarray
+    mem_every: int
+    max_memory: int
+
+    @classmethod
+    def from_props(cls, props: dict[str, str], source: Path) -> PropagationMetadata:
+        try:
+            if props["endoflow.task"] != "propagation":
+                raise ValueError(f"endoflow.task is {props['endoflow.task']!r}, expected 'propagation'")
+            size = json.loads(props["endoflow.input_size"])
+            norm = json.loads(props["endoflow.normalization"])
+            memory = json.loads(props["endoflow.memory"])
+            stride = int(props["endoflow.key_stride"])
+            if len(size) != 2 or size[0] % stride or size[1] % stride:
+                raise ValueError(f"input_size {size} is not [H, W] in multiples of the key stride {stride}")
+            return cls(
+                class_names=tuple(json.loads(props["endoflow.class_names"])),
+                input_size=(int(size[0]), int(size[1])),
+                mean=np.array(norm["mean"], np.float32),
+                std=np.array(norm["std"], np.float32),
+                mem_every=int(memory["mem_every"]),
+                max_memory=int(memory["max_memory"]),
+            )
+        except KeyError as err:
+            raise ValueError(f"{source}: propagation metadata key {err} is missing") from err
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{source}: invalid propagation metadata: {err}") from err
+
+
+def resolve_graphs(ref: str, cache_dir: str | None = None, tracking_uri: str | None = None) -> dict[str, ResolvedModel]:
+    """models:/NAME@alias -> the registered NAME-encode_key/-encode_value/-segment at that alias; a path (one of
+    the graphs, or their directory) -> its siblings named in `endoflow.graphs`. Each one's sha256 is taken."""
+    if ref.startswith("models:/"):
+        base, sep, tail = ref.rpartition("@") if "@" in ref else ref.rpartition("/")
+        return {g: resolve_model(f"{base}-{g}{sep}{tail}", cache_dir, tracking_uri) for g in GRAPHS}
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        found = sorted(path.glob("*.segment.onnx"))
+        if not found:
+            raise FileNotFoundError(f"{path}: no *.segment.onnx; expected the three propagation graphs")
+        path = found[0]
+    import onnx  # the graph header only, to find the siblings
+
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    if props.get("endoflow.task") != "propagation" or "endoflow.graphs" not in props:
+        raise ValueError(f"{path}: not a propagation graph (endoflow.task = {props.get('endoflow.task')!r})")
+    files = json.loads(props["endoflow.graphs"])
+    return {g: resolve_model(path.parent / files[g]) for g in GRAPHS}
+
+
+class OnnxPropagator:
+    def __init__(
+        self,
+        graphs: dict[str, ResolvedModel],
+        providers: Sequence[Provider] = ("CPUExecutionProvider",),
+        threads: int | None = None,
+    ) -> None:
+        self.graphs = graphs
+        self.sessions = {g: make_session(graphs[g].path, providers, threads) for g in GRAPHS}
+        props = self.sessions["segment"].get_modelmeta().custom_metadata_map
+        self.metadata = PropagationMetadata.from_props(props, graphs["segment"].path)
+        self.providers = self.sessions["segment"].get_providers()
+        self.sha256 = {g: graphs[g].sha256 for g in GRAPHS}
+
+    def prepare(self, frame_hw3: np.ndarray) -> np.ndarray:
+        """uint8 (h, w, 3) at any size -> normalised float32 (1, 3, H, W) at input_size."""
+        height, width = self.metadata.input_size
+        if frame_hw3.shape[:2] != (height, width):
+            frame_hw3 = np.asarray(Image.fromarray(frame_hw3).resize((width, height), Image.Resampling.BILINEAR))
+        unit = frame_hw3.astype(np.float32) / 255.0
+        return ((unit - self.metadata.mean) / self.metadata.std).transpose(2, 0, 1)[None].astype(np.float32)
+
+    def encode_key(self, image: np.ndarray) -> list[np.ndarray]:
+        return self.sessions["encode_key"].run(None, {"image": image})
+
+    def encode_value(self, image: np.ndarray, f16: np.ndarray, masks_n1hw: np.ndarray) -> np.ndarray:
+        return self.sessions["encode_value"].run(None, {"image": image, "f16": f16, "masks": masks_n1hw})[0]
+
+    def segment(self, key, f16, f8, f4, memory_keys, memory_values) -> np.ndarray:
+        feeds = {"key": key, "f16": f16, "f8": f8, "f4": f4, "memory_keys": memory_keys}
+        return self.sessions["segment"].run(None, feeds | {"memory_values": memory_values})[0]
+
+
+class Stream:
+    """One video: opened with its first frame and mask, then one `step` per later frame (the contract's loop)."""
+
+    def __init__(self, model: OnnxPropagator, frame_hw3: np.ndarray, mask_hw: np.ndarray) -> None:
+        if frame_hw3.shape[:2] != mask_hw.shape:
+            raise RequestError(
+                400,
+                f"mask is {mask_hw.shape[1]}x{mask_hw.shape[0]} but the frame is "
+                f"{frame_hw3.shape[1]}x{frame_hw3.shape[0]}; they must match",
+            )
+        if int(mask_hw.max(initial=0)) >= len(model.metadata.class_names):
+            raise RequestError(
+                400,
+                f"mask has label {int(mask_hw.max())}; the model knows "
+                f"{len(model.metadata.class_names)} classes (0..{len(model.metadata.class_names) - 1})",
+            )
+        self.model = model
+        self.objects = [int(o) for o in np.unique(mask_hw) if o != 0]
+        self.lookup = np.array([0, *self.objects], np.uint8)
+        self.frames_seen = 1
+        self.memory: list[tuple[np.ndarray, np.ndarray]] = []
+        if self.objects:
+            height, width = model.metadata.input_size
+            small = np.asarray(Image.fromarray(mask_hw).resize((width, height), Image.Resampling.NEAREST))
+            masks = np.stack([(small == o) for o in self.objects])[:, None].astype(np.float32)
+            image = model.prepare(frame_hw3)
+            key, f16, _, _ = model.encode_key(image)
+            self.memory.append((key, model.encode_value(image, f16, masks)))
+
+    def step(self, frame_hw3: np.ndarray) -> np.ndarray:
+        """uint8 (h, w, 3) -> uint8 label map (h, w)."""
+        t, self.frames_seen = self.frames_seen, self.frames_seen + 1
+        if not self.objects:  # nothing to follow: every later frame is background
+            return np.zeros(frame_hw3.shape[:2], np.uint8)
+        model, metadata = self.model, self.model.metadata
+        image = model.prepare(frame_hw3)
+        key, f16, f8, f4 = model.encode_key(image)
+        memory_keys = np.concatenate([k for k, _ in self.memory], axis=0)
+        memory_values = np.stack([v for _, v in self.memory], axis=1)
+        probs = model.segment(key, f16, f8, f4, memory_keys, memory_values)
+        labels = self.lookup[probs[0].argmax(0)]
+        if t % metadata.mem_every == 0:
+            self.memory.append((key, model.encode_value(image, f16, np.ascontiguousarray(probs[0, 1:, None]))))
+            if len(self.memory) > metadata.max_memory:
+                del self.memory[1]  # the key frame always stays
+        height, width = frame_hw3.shape[:2]
+        if labels.shape == (height, width):
+            return labels
+        return np.asarray(Image.fromarray(labels).resize((width, height), Image.Resampling.NEAREST))

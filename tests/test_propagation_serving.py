@@ -1,0 +1,176 @@
+"""Propagation served over HTTP: clip mode, stream sessions (HTTP and WebSocket), the session store's bound and
+idle expiry, against an untrained network exported by training/propagate/export.py (torch only in this test)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from test_serving import save_model, serving, to_bytes
+
+from serving.errors import RequestError
+from serving.propagation import OnnxPropagator, Stream, resolve_graphs
+from serving.sessions import SessionStore
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def graphs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+
+    from training.models.propagation.network import PropagationConfig, PropagationNet
+    from training.propagate.export import export_propagation
+    from training.propagate.inference import MemoryPolicy
+
+    out = tmp_path_factory.getbasetemp() / "propagation_graphs"  # one export per test session (test_web_page too)
+    if (out / "propagation.segment.onnx").exists():
+        return out
+    torch.manual_seed(0)
+    small = PropagationConfig(key_dim=8, value_dim=16, c4=8, c8=16, c16=24, decoder_width=16)
+    export_propagation(
+        PropagationNet(small).eval(), out, input_size=SIZE, policy=MemoryPolicy(mem_every=2, max_memory=3)
+    )
+    return out
+
+
+def clip(frames: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """A disc drifting right over a gradient, and the first frame's mask (disc = 3, left band = 1)."""
+    y, x = np.mgrid[0:SIZE, 0:SIZE]
+    images = []
+    for t in range(frames):
+        disc = (x - 20 - 3 * t) ** 2 + (y - 32) ** 2 < 100
+        rgb = np.stack([x * 3, y * 3, np.where(disc, 250, 40)], axis=-1)
+        images.append(rgb.clip(0, 255).astype(np.uint8))
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[(x - 20) ** 2 + (y - 32) ** 2 < 100] = 3
+    mask[:, :6] = 1
+    return np.stack(images), mask
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def png_array(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def test_stream_matches_the_reference_loop(graphs_dir: Path) -> None:
+    """serving's numpy Stream = training's propagate() over the same ONNX graphs, frame for frame."""
+    from training.propagate.export import OnnxBackend, load_graphs
+    from training.propagate.inference import MemoryPolicy, propagate
+
+    frames, mask = clip(7)
+    expected, _ = propagate(OnnxBackend(load_graphs(graphs_dir)), frames, mask, MemoryPolicy(mem_every=2, max_memory=3))
+    model = OnnxPropagator(resolve_graphs(str(graphs_dir)))
+    stream = Stream(model, frames[0], mask)
+    assert stream.objects == [1, 3]
+    got = np.stack([mask, *[stream.step(f) for f in frames[1:]]])
+    assert np.array_equal(got, expected)
+    assert len(stream.memory) == 3  # key frame + frames 2, 4, 6 capped at max_memory = 3
+    with pytest.raises(RequestError, match="must match"):
+        Stream(model, frames[0], mask[:32])
+
+
+def test_session_store_bound_and_expiry() -> None:
+    now = [0.0]
+    store = SessionStore(max_sessions=2, idle_timeout_s=10, clock=lambda: now[0])
+    first, _ = store.add("a"), store.add("b")
+    with pytest.raises(RequestError, match="limit is 2") as info:
+        store.add("c")
+    assert info.value.status == 429
+    now[0] = 8.0
+    assert store.get(first.id).stream == "a"  # touching it keeps it alive
+    now[0] = 15.0
+    assert store.expire() == 1 and len(store) == 1  # "b" idled out
+    store.add("c")
+    store.close(first.id)
+    with pytest.raises(RequestError, match="no open session") as info:
+        store.get(first.id)
+    assert info.value.status == 404
+
+
+@pytest.fixture(scope="module")
+def base_url(ray_session, graphs_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    segmenter = save_model(tmp_path_factory.mktemp("seg") / "colours.onnx")
+    options = {"propagation_model": str(graphs_dir), "limits": {"max_sessions": 2, "max_frames": 8}}
+    with serving(segmenter, session_idle_timeout_s=3.0, **options) as url:
+        yield url
+
+
+@pytest.mark.slow
+def test_clip_http_stream_and_websocket_agree(base_url: str) -> None:
+    from websockets.sync.client import connect
+
+    frames, mask = clip(5)
+    pngs = [to_bytes(f) for f in frames]
+    with httpx.Client(base_url=base_url, timeout=60) as http:
+        answer = http.post("/v1/propagate/clip", json={"frames": [b64(p) for p in pngs], "mask": b64(to_bytes(mask))})
+        assert answer.status_code == 200, answer.text
+        from_clip = [png_array(base64.b64decode(m)) for m in answer.json()["masks"]]
+        assert len(from_clip) == 5 and np.array_equal(from_clip[0], mask) and from_clip[1].shape == (SIZE, SIZE)
+
+        opened = http.post("/v1/propagate/sessions", json={"frame": b64(pngs[0]), "mask": b64(to_bytes(mask))})
+        assert opened.status_code == 201 and opened.json()["objects"] == [1, 3]
+        session, route = opened.json()["session"], opened.json()["headers"]
+        for t in range(1, 5):
+            step = http.post(f"/v1/propagate/sessions/{session}/frames", content=pngs[t], headers=route)
+            assert step.status_code == 200 and np.array_equal(png_array(step.content), from_clip[t]), t
+        assert http.delete(f"/v1/propagate/sessions/{session}").status_code == 200
+        gone = http.post(f"/v1/propagate/sessions/{session}/frames", content=pngs[1])
+        assert gone.status_code == 404 and "no open session" in gone.json()["error"]
+
+    with connect(base_url.replace("http", "ws") + "/v1/propagate/stream", open_timeout=30) as socket:
+        socket.send(json.dumps({"frame": b64(pngs[0]), "mask": b64(to_bytes(mask))}))
+        assert json.loads(socket.recv(timeout=30))["objects"] == [1, 3]
+        socket.send(b"not an image")
+        assert "not a PNG or JPEG" in json.loads(socket.recv(timeout=30))["error"]
+        for t in range(1, 5):
+            socket.send(pngs[t])
+            assert np.array_equal(png_array(socket.recv(timeout=30)), from_clip[t]), t
+
+
+@pytest.mark.slow
+def test_sessions_are_bounded_and_expire(base_url: str) -> None:
+    frames, mask = clip(2)
+    opening = {"frame": b64(to_bytes(frames[0])), "mask": b64(to_bytes(mask))}
+    with httpx.Client(base_url=base_url, timeout=60) as http:
+        ids = [http.post("/v1/propagate/sessions", json=opening).json()["session"] for _ in range(2)]
+        full = http.post("/v1/propagate/sessions", json=opening)
+        assert full.status_code == 429 and "limit is 2" in full.json()["error"]
+        time.sleep(3.5)  # idle timeout 3 s
+        assert http.post(f"/v1/propagate/sessions/{ids[0]}/frames", content=to_bytes(frames[1])).status_code == 404
+        assert http.post("/v1/propagate/sessions", json=opening).status_code == 201
+
+
+@pytest.mark.slow
+def test_propagation_bad_requests(base_url: str) -> None:
+    frames, mask = clip(2)
+    frame = b64(to_bytes(frames[0]))
+    rgb_mask = b64(to_bytes(np.stack([mask] * 3, axis=-1)))
+    bad_label = mask.copy()
+    bad_label[0, 0] = 200
+    cases = [
+        ({"frame": frame}, 400, "mask"),
+        ({"frame": frame, "mask": rgb_mask}, 400, "single-channel"),
+        ({"frame": frame, "mask": b64(to_bytes(bad_label))}, 400, "label 200"),
+        ({"frame": frame, "mask": "%%%"}, 400, "base64"),
+        ({"frame": frame, "mask": b64(to_bytes(mask[:10]))}, 400, "must match"),
+    ]
+    with httpx.Client(base_url=base_url, timeout=60) as http:
+        for doc, status, words in cases:
+            response = http.post("/v1/propagate/sessions", json=doc)
+            assert response.status_code == status and words in response.json()["error"], response.text
+        too_long = http.post("/v1/propagate/clip", json={"frames": [frame] * 9, "mask": b64(to_bytes(mask))})
+        assert too_long.status_code == 413 and "limit is 8" in too_long.json()["error"]
+        assert http.post("/v1/propagate/clip", content=b"{").status_code == 400
+        ok = http.post("/v1/propagate/clip", json={"frames": [frame] * 2, "mask": b64(to_bytes(mask))})
+        assert ok.status_code == 200
