@@ -95,3 +95,24 @@ bench-adapt: $(STAMP)
 
 bench-serve: $(STAMP)
 	ulimit -n 16384 2>/dev/null || true; $(VENV)/bin/endoflow bench serve --out runs/bench/serve.json
+
+# --- cluster jobs, MLflow stack, image test (pipelines/cluster.py, pipelines/mlflow_stack.py, docker/image-test.sh) ---
+# train-cluster / sweep: on $RAY_ADDRESS (a dashboard URL) when set, else a local 2-node cluster started and stopped
+# here; K8S=1 applies the overlay's RayJob instead (OVERLAY, default k8s/overlays/cpu). ARGS: extra --set overrides.
+.PHONY: train-cluster sweep mlflow image-test
+OVERLAY ?= k8s/overlays/cpu
+CLUSTER_FLAGS = $(if $(filter 1,$(K8S)),--k8s --overlay $(OVERLAY),) $(ARGS)
+
+train-cluster: $(STAMP)
+	$(PY) -m pipelines.cluster train $(CLUSTER_FLAGS)
+
+sweep: $(STAMP)
+	$(PY) -m pipelines.cluster sweep $(CLUSTER_FLAGS)
+
+# PostgreSQL + S3 (moto) + `mlflow server` in the foreground; prints the environment to export. Ctrl-C stops it.
+mlflow: $(STAMP)
+	$(PY) -m pipelines.mlflow_stack
+
+# Builds the serving image with buildah (and its debootstrap base if missing), serves from it, queries it.
+image-test: $(STAMP)
+	bash docker/image-test.sh

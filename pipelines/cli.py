@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -279,6 +280,7 @@ def _train_export(cls, runner, config, set_, eval_data, register, address, fresh
     from pipelines.local_ray import local_ray
     from pipelines.segment_flow import train_and_export
     from training.config import load_config
+    from training.data import storage
     from training.data.sources import DataSpec
 
     shortcuts = {"compute.workers": workers, "compute.gpus_per_worker": gpus_per_worker}
@@ -289,11 +291,17 @@ def _train_export(cls, runner, config, set_, eval_data, register, address, fresh
     if register:
         name, _, alias = register.partition("@")
         register_as = (name, alias or None)
-    with local_ray(num_cpus=None, address=address):
-        result = train_and_export(
-            cfg, eval_spec, Path(cfg.runs_dir) / "artifacts", register_as, fresh=fresh, runner=runner
-        )
-    console.print(f"ONNX: {result.onnx_path} (parity max |Δ| {result.parity_max_abs_diff:.1e}), run {result.run_id}")
+    artifacts_uri = storage.join(cfg.runs_dir, "artifacts")
+    with local_ray(num_cpus=None, address=address), tempfile.TemporaryDirectory(prefix="endoflow-export-") as scratch:
+        # ONNX export and overlays need a local folder; an s3:// runs_dir gets a copy of it afterwards.
+        out_dir = Path(scratch) if storage.is_s3(artifacts_uri) else Path(artifacts_uri)
+        result = train_and_export(cfg, eval_spec, out_dir, register_as, fresh=fresh, runner=runner)
+        onnx_location = str(result.onnx_path)
+        if storage.is_s3(artifacts_uri):
+            for file in sorted(p for p in out_dir.rglob("*") if p.is_file()):
+                storage.write_bytes(storage.join(artifacts_uri, *file.relative_to(out_dir).parts), file.read_bytes())
+            onnx_location = storage.join(artifacts_uri, *Path(result.onnx_path).relative_to(out_dir).parts)
+    console.print(f"ONNX: {onnx_location} (parity max |Δ| {result.parity_max_abs_diff:.1e}), run {result.run_id}")
     if result.summary:
         console.print(f"mean Dice {result.summary['mean_dice']:.4f}, mean IoU {result.summary['mean_iou']:.4f}")
     if result.registered_version:
