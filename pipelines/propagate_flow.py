@@ -7,7 +7,6 @@ and scoring sequences by J&F with the first labelled frame given, beside the cop
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +15,8 @@ import mlflow
 import numpy as np
 import torch
 
+from pipelines.segment_flow import job_run
 from training import tracking
-from training.config import to_yaml
 from training.data.simulator import simulate_sequences
 from training.data.sources import DataSpec
 from training.models.propagation.network import count_parameters
@@ -135,14 +134,7 @@ def train_and_export(
     fresh: bool = False,
 ) -> PropagateResult:
     """Train (resuming a run of the same name unless `fresh`), export the graphs, check parity, register, score."""
-    tracking_uri = tracking.use_tracking(cfg.tracking, cfg.runs_dir)
-    if fresh:
-        shutil.rmtree(Path(cfg.runs_dir) / "ray" / cfg.name, ignore_errors=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with mlflow.start_run(run_name=cfg.name) as run:
-        cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"run_id": run.info.run_id})})
-        tracking.log_config(cfg)
-        (out_dir / f"{cfg.name}.yaml").write_text(to_yaml(cfg))
+    with job_run(cfg, out_dir, fresh) as (cfg, tracking_uri, run):
         started = time.perf_counter()
         trained = propagate_train.run(cfg, tracking_uri)
         train_seconds = time.perf_counter() - started

@@ -8,15 +8,17 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import mlflow
 import numpy as np
 
 from training import tracking
-from training.config import to_yaml
+from training.config import StrictModel, to_yaml
 from training.data.normalize import normalize, to_unit_bchw
 from training.data.sources import DataSpec, load_data
 from training.export import check_parity, export_segmenter
@@ -25,6 +27,8 @@ from training.segment import train as segment_train
 from training.segment.config import SegmentJobConfig
 from training.segment.predict import score
 from training.visualize import comparison_grid, plot_curves, save_png
+
+JobConfig = TypeVar("JobConfig", bound=StrictModel)  # any job config with name, runs_dir and tracking
 
 
 @dataclass
@@ -40,6 +44,21 @@ class VariantResult:
     registered_version: str | None = None
 
 
+@contextmanager
+def job_run(cfg: JobConfig, out_dir: Path, fresh: bool) -> Iterator[tuple[JobConfig, str, mlflow.ActiveRun]]:
+    """The MLflow run of one job: yields the config carrying the run id (workers log into that run), the tracking
+    URI and the run. `fresh` drops Ray's checkpoints of a run of the same name instead of resuming it."""
+    tracking_uri = tracking.use_tracking(cfg.tracking, cfg.runs_dir)
+    if fresh:
+        shutil.rmtree(Path(cfg.runs_dir) / "ray" / cfg.name, ignore_errors=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with mlflow.start_run(run_name=cfg.name) as run:
+        cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"run_id": run.info.run_id})})
+        tracking.log_config(cfg)
+        (out_dir / f"{cfg.name}.yaml").write_text(to_yaml(cfg))
+        yield cfg, tracking_uri, run
+
+
 def train_and_export(
     cfg: SegmentJobConfig,
     eval_spec: DataSpec | None,
@@ -49,14 +68,7 @@ def train_and_export(
     runner: Callable[..., segment_train.TrainedSegmenter] = segment_train.run,
 ) -> VariantResult:
     """Train `cfg` (resuming a stopped run of the same name unless `fresh`), score on `eval_spec`, export, log."""
-    tracking_uri = tracking.use_tracking(cfg.tracking, cfg.runs_dir)
-    if fresh:
-        shutil.rmtree(Path(cfg.runs_dir) / "ray" / cfg.name, ignore_errors=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with mlflow.start_run(run_name=cfg.name) as run:
-        cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"run_id": run.info.run_id})})
-        tracking.log_config(cfg)
-        (out_dir / f"{cfg.name}.yaml").write_text(to_yaml(cfg))
+    with job_run(cfg, out_dir, fresh) as (cfg, tracking_uri, run):
         started = time.perf_counter()
         trained = runner(cfg, tracking_uri)
         train_seconds = time.perf_counter() - started

@@ -24,7 +24,9 @@ from pydantic import Field
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from training import tracking
 from training.config import StrictModel
+from training.data import storage
 
 STATE_FILE = "state.pt"
 
@@ -102,6 +104,30 @@ def report(metrics: dict[str, float], state: dict[str, Any], context: WorkerCont
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
+def optimiser_state(model: torch.nn.Module, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+    """The checkpoint entries every single-network job saves (the job adds its own)."""
+    return {
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+    }
+
+
+def end_epoch(
+    cfg: Any, tracking_uri: str, metrics: dict[str, float], state: dict[str, Any], context: WorkerContext, epoch: int
+) -> None:
+    """The chief logs the epoch to MLflow and prints it; then every worker reports, the chief with the checkpoint.
+
+    `cfg` is any job config (name, compute.epochs, tracking.run_id); the checkpoint gets the epoch and the config so
+    a resume and a later export need nothing else.
+    """
+    if context.is_chief:
+        tracking.log_worker_metrics(tracking_uri, cfg.tracking.run_id, metrics, step=epoch + 1)
+        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k not in ("epoch", "resumed_after_epoch"))
+        print(f"[{cfg.name}] epoch {epoch + 1}/{cfg.compute.epochs} {shown}", flush=True)
+    report(metrics, state | {"epoch": epoch, "config": cfg.model_dump(mode="json")}, context)
+
+
 def read_checkpoint_state(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
     with checkpoint.as_directory() as directory:
         return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
@@ -132,3 +158,14 @@ def fit(
         ),
     )
     return trainer.fit()
+
+
+def fit_job(
+    train_loop_per_worker: Callable[[dict], None], loop_config: dict[str, Any], cfg: Any
+) -> tuple[dict[str, Any], ray.train.Result]:
+    """`fit` for a job config (name, runs_dir, compute): checkpoints under <runs_dir>/ray (a path or s3:// prefix).
+    Returns the state of the last checkpoint and the result; no checkpoint at all is an error."""
+    result = fit(train_loop_per_worker, loop_config, cfg.compute, cfg.name, storage.join(cfg.runs_dir, "ray"))
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {cfg.name} produced no checkpoint (error: {result.error})")
+    return read_checkpoint_state(result.checkpoint), result

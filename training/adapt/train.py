@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from ray.train.torch import prepare_model
 
-from training import loop, tracking
+from training import loop
 from training.adapt.adversarial import OutputDiscriminator, adversarial_losses
 from training.adapt.blend import irb_mix, per_image_iou
 from training.adapt.config import AdaptJobConfig, AdaptStyleConfig, PseudoConfig
@@ -258,23 +258,13 @@ def train_loop_per_worker(config_dict: dict) -> None:
         if val_images is not None:
             summary, _ = score(loop.unwrap(model), val_images, val_masks)
             metrics |= {"val_mean_dice": summary["mean_dice"], "val_mean_iou": summary["mean_iou"]}
-        if context.is_chief:
-            tracking.log_worker_metrics(tracking_uri, cfg.tracking.run_id, metrics, step=epoch + 1)
-            shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k not in ("epoch", "resumed_after_epoch"))
-            print(f"[{cfg.name}] epoch {epoch + 1}/{cfg.compute.epochs} {shown}", flush=True)
-        state = {
-            "model": loop.unwrap(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epoch": epoch,
-            "config": cfg.model_dump(mode="json"),
-        }
+        state = loop.optimiser_state(model, optimizer, scheduler)
         if teacher is not None:  # the checkpoint carries its teacher, so a resume needs neither the file nor a rerun
             state["teacher"] = {"model": teacher.state_dict(), "config": teacher.cfg.model_dump(mode="json")}
         if disc is not None:
             state["discriminator"] = loop.unwrap(disc).state_dict()
             state["discriminator_optimizer"] = disc_optimizer.state_dict()
-        loop.report(metrics, state, context)
+        loop.end_epoch(cfg, tracking_uri, metrics, state, context, epoch)
 
 
 def run(cfg: AdaptJobConfig, tracking_uri: str) -> TrainedSegmenter:
@@ -286,15 +276,10 @@ def run(cfg: AdaptJobConfig, tracking_uri: str) -> TrainedSegmenter:
     teacher_file = str(teacher_state_file(cfg.teacher_checkpoint)) if cfg.teacher_checkpoint else None
     if cfg.style.method == "translator":  # fail before any worker starts; workers load it themselves
         load_generator(cfg.style.translator, "style.translator")
-    result = loop.fit(
+    state, result = loop.fit_job(
         train_loop_per_worker,
         {"job": cfg.model_dump(mode="json"), "tracking_uri": tracking_uri, "teacher_file": teacher_file},
-        cfg.compute,
-        name=cfg.name,
-        storage_path=str(Path(cfg.runs_dir) / "ray"),
+        cfg,
     )
-    if result.checkpoint is None:
-        raise RuntimeError(f"adaptation run {cfg.name} produced no checkpoint (error: {result.error})")
-    state = loop.read_checkpoint_state(result.checkpoint)
     model = build_segmenter(cfg.model.model_dump(), state["model"])
     return TrainedSegmenter(model.eval(), result.checkpoint.path, dict(result.metrics or {}))

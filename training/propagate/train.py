@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from ray.train.torch import prepare_model
 
-from training import loop, tracking
+from training import loop
 from training.data.normalize import normalize
 from training.models.propagation.network import PropagationNet
 from training.propagate.config import PropagateJobConfig
@@ -119,18 +119,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
             scores = evaluate_sequences(loop.unwrap(model).cpu(), val, cfg.memory)
             loop.unwrap(model).to(context.device)
             metrics |= {"val_jf": scores["J&F"], "val_j": scores["J"], "val_f": scores["F"]}
-        if context.is_chief:
-            tracking.log_worker_metrics(tracking_uri, cfg.tracking.run_id, metrics, step=epoch + 1)
-            shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k not in ("epoch", "resumed_after_epoch"))
-            print(f"[{cfg.name}] epoch {epoch + 1}/{cfg.compute.epochs} {shown}", flush=True)
-        state = {
-            "model": loop.unwrap(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epoch": epoch,
-            "config": cfg.model_dump(mode="json"),
-        }
-        loop.report(metrics, state, context)
+        loop.end_epoch(cfg, tracking_uri, metrics, loop.optimiser_state(model, optimizer, scheduler), context, epoch)
 
 
 @dataclass
@@ -142,16 +131,9 @@ class TrainedPropagator:
 
 def run(cfg: PropagateJobConfig, tracking_uri: str) -> TrainedPropagator:
     """Run the job on the connected Ray cluster; returns the model of the last checkpoint."""
-    result = loop.fit(
-        train_loop_per_worker,
-        {"job": cfg.model_dump(mode="json"), "tracking_uri": tracking_uri},
-        cfg.compute,
-        name=cfg.name,
-        storage_path=f"{cfg.runs_dir.rstrip('/')}/ray",
+    state, result = loop.fit_job(
+        train_loop_per_worker, {"job": cfg.model_dump(mode="json"), "tracking_uri": tracking_uri}, cfg
     )
-    if result.checkpoint is None:
-        raise RuntimeError(f"training run {cfg.name} produced no checkpoint (error: {result.error})")
-    state = loop.read_checkpoint_state(result.checkpoint)
     return TrainedPropagator(load_model(state), result.checkpoint.path, dict(result.metrics or {}))
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from ray.train.torch import prepare_model
 
-from training import loop, tracking
+from training import loop
 from training.data.normalize import normalize, to_unit_bchw
 from training.data.sources import load_data
 from training.models.unet import Segmenter
@@ -100,18 +100,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
         if val_images is not None:
             summary, _ = score(loop.unwrap(model), val_images, val_masks)
             metrics |= {"val_mean_dice": summary["mean_dice"], "val_mean_iou": summary["mean_iou"]}
-        if context.is_chief:
-            tracking.log_worker_metrics(tracking_uri, cfg.tracking.run_id, metrics, step=epoch + 1)
-            shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k not in ("epoch", "resumed_after_epoch"))
-            print(f"[{cfg.name}] epoch {epoch + 1}/{cfg.compute.epochs} {shown}", flush=True)
-        state = {
-            "model": loop.unwrap(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epoch": epoch,
-            "config": cfg.model_dump(mode="json"),
-        }
-        loop.report(metrics, state, context)
+        loop.end_epoch(cfg, tracking_uri, metrics, loop.optimiser_state(model, optimizer, scheduler), context, epoch)
 
 
 @dataclass
@@ -123,16 +112,9 @@ class TrainedSegmenter:
 
 def run(cfg: SegmentJobConfig, tracking_uri: str) -> TrainedSegmenter:
     """Run the job on the connected Ray cluster; returns the model of the last checkpoint."""
-    result = loop.fit(
-        train_loop_per_worker,
-        {"job": cfg.model_dump(mode="json"), "tracking_uri": tracking_uri},
-        cfg.compute,
-        name=cfg.name,
-        storage_path=f"{cfg.runs_dir.rstrip('/')}/ray",  # a local path or s3:// prefix
+    state, result = loop.fit_job(
+        train_loop_per_worker, {"job": cfg.model_dump(mode="json"), "tracking_uri": tracking_uri}, cfg
     )
-    if result.checkpoint is None:
-        raise RuntimeError(f"training run {cfg.name} produced no checkpoint (error: {result.error})")
-    state = loop.read_checkpoint_state(result.checkpoint)
     model = Segmenter(cfg.model)
     model.load_state_dict(state["model"])
     return TrainedSegmenter(model.eval(), result.checkpoint.path, dict(result.metrics or {}))

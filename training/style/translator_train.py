@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from training import loop, tracking
+from training import loop
 from training.data.normalize import normalize, to_unit_bchw
 from training.data.sources import load_data
 from training.models.translator import (
@@ -231,17 +231,13 @@ def train_loop_per_worker(config_dict: dict) -> None:
         metrics = {"epoch": epoch + 1, "resumed_after_epoch": start_epoch} | {k: v / steps for k, v in sums.items()}
         metrics["epoch_seconds"] = time.perf_counter() - started
         if context.is_chief:
-            tracking.log_worker_metrics(tracking_uri, cfg.tracking.run_id, metrics, step=epoch + 1)
             _log_grid(tracking_uri, cfg.tracking.run_id, sample_grid(generator, source, target, cfg.samples), epoch + 1)
-            shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k not in ("epoch", "resumed_after_epoch"))
-            print(f"[{cfg.name}] epoch {epoch + 1}/{cfg.compute.epochs} {shown}", flush=True)
         state = {
             key: module.state_dict()
             for key, module in zip(["generator", "heads", "discriminator"], networks, strict=True)
         }
-        state |= {"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "epoch": epoch}
-        state["config"] = cfg.model_dump(mode="json")
-        loop.report(metrics, state, context)
+        state |= {"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict()}
+        loop.end_epoch(cfg, tracking_uri, metrics, state, context, epoch)
 
 
 def run(cfg: TranslatorJobConfig, tracking_uri: str) -> tuple[Path, dict]:
@@ -252,16 +248,11 @@ def run(cfg: TranslatorJobConfig, tracking_uri: str) -> tuple[Path, dict]:
         from training.adapt.train import teacher_state_file
 
         segmenter_file = str(teacher_state_file(cfg.segmenter_checkpoint))
-    result = loop.fit(
+    state, result = loop.fit_job(
         train_loop_per_worker,
         {"job": cfg.model_dump(mode="json"), "tracking_uri": tracking_uri, "segmenter_file": segmenter_file},
-        cfg.compute,
-        name=cfg.name,
-        storage_path=str(Path(cfg.runs_dir) / "ray"),
+        cfg,
     )
-    if result.checkpoint is None:
-        raise RuntimeError(f"translator run {cfg.name} produced no checkpoint (error: {result.error})")
-    state = loop.read_checkpoint_state(result.checkpoint)
     generator = Generator(cfg.model)
     generator.load_state_dict(state["generator"])
     return save_generator(generator, cfg.generator_file), dict(result.metrics or {})
