@@ -13,7 +13,16 @@ from rich.console import Console
 app = typer.Typer(no_args_is_help=True, help="Mask propagation (STCN-style space-time memory network).")
 console = Console()
 
-ModelOption = Annotated[Path, typer.Option(help="ONNX graph (or their directory) or a torch checkpoint .pt")]
+ModelOption = Annotated[
+    str,
+    typer.Option(
+        help="torch checkpoint .pt, ONNX graph (or their directory), or models:/NAME@ALIAS | models:/NAME/VERSION: "
+        "the graphs `propagate train --register NAME@ALIAS` registered"
+    ),
+]
+TrackingOption = Annotated[
+    str | None, typer.Option(help="MLflow registry for models:/ refs (default: $MLFLOW_TRACKING_URI, else runs/)")
+]
 SizeOption = Annotated[
     int | None, typer.Option(help="frames are resized to size×size, a multiple of 16 (default: the training size)")
 ]
@@ -28,6 +37,12 @@ def _policy(mem_every: int, max_memory: int, top_k: int):
     from training.propagate.inference import MemoryPolicy
 
     return MemoryPolicy(mem_every=mem_every, max_memory=max_memory, top_k=top_k or None)
+
+
+def _tracking(tracking_uri: str | None) -> str:
+    from training.tracking import default_tracking_uri
+
+    return tracking_uri or default_tracking_uri()
 
 
 def _fail(exc: Exception) -> None:
@@ -96,19 +111,21 @@ def evaluate(
     max_memory: MaxMemoryOption = 8,
     top_k: TopKOption = 20,
     threads: ThreadsOption = None,
+    tracking_uri: TrackingOption = None,
 ) -> None:
     """Per sequence: the first labelled frame given, the rest propagated; J, F, J&F and the copy-first baseline."""
-    from pipelines.propagate_flow import evaluate_sequences, load_backend, named_sequences, trained_size
+    from pipelines.propagate_flow import evaluate_sequences, load_backend, locate_model, named_sequences, trained_size
     from training.data.folders import DataError
 
     policy = _policy(mem_every, max_memory, top_k)
     try:
-        backend = load_backend(model, policy, threads)
-        size = size or trained_size(model)
+        located = locate_model(model, _tracking(tracking_uri))
+        backend = load_backend(located, policy, threads)
+        size = size or trained_size(located)
         report = evaluate_sequences(backend, named_sequences(_spec(data, layout, sequences, size)), policy)
     except (DataError, FileNotFoundError, ValueError) as exc:
         _fail(exc)
-    report |= {"model": str(model), "data": str(data), "layout": layout, "size": size}
+    report |= {"model": model, "data": str(data), "layout": layout, "size": size}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     for name, scores in report["sequences"].items():
@@ -124,7 +141,9 @@ def run(
     input: Annotated[Path, typer.Option("--input", help="a folder of frames, or a NIfTI volume (.nii/.nii.gz)")],
     out: Annotated[Path, typer.Option(help="output folder")],
     mask: Annotated[Path | None, typer.Option(help="label map PNG of the key frame (video)")] = None,
-    segmenter: Annotated[Path | None, typer.Option(help="segmentation ONNX that labels the key frame")] = None,
+    segmenter: Annotated[
+        str | None, typer.Option(help="segmentation ONNX (file, directory or models:/ ref) that labels the key frame")
+    ] = None,
     key_index: Annotated[int, typer.Option(help="key frame (video) index; -1: the middle frame")] = 0,
     labels: Annotated[Path | None, typer.Option(help="NIfTI labels holding the annotated key slices")] = None,
     key_slices: Annotated[str | None, typer.Option(help="comma-separated slice indices (default: middle)")] = None,
@@ -132,32 +151,35 @@ def run(
     mem_every: MemEveryOption = 5,
     max_memory: MaxMemoryOption = 8,
     top_k: TopKOption = 20,
+    tracking_uri: TrackingOption = None,
 ) -> None:
     """Propagate: video frames + a key-frame mask → a label PNG per frame (forward, or both ways from a middle key
     frame); a CT volume + annotated key slices → a NIfTI label volume (both directions through the slices)."""
-    from pipelines.propagate_flow import load_backend, trained_size
+    from pipelines.propagate_flow import load_backend, locate_model, reference_segmenter, trained_size
     from training.data.folders import DataError
 
     policy = _policy(mem_every, max_memory, top_k)
     try:
-        backend = load_backend(model, policy)
-        size = size or trained_size(model)
+        located = locate_model(model, _tracking(tracking_uri))
+        backend = load_backend(located, policy)
+        size = size or trained_size(located)
         if input.name.endswith((".nii", ".nii.gz")):
             written = _run_volume(backend, input, labels, key_slices, out, policy, size)
         else:
-            written = _run_video(backend, input, mask, segmenter, key_index, out, policy, size)
+            labeller = reference_segmenter(segmenter, _tracking(tracking_uri)) if segmenter and not mask else None
+            written = _run_video(backend, input, mask, labeller, key_index, out, policy, size)
     except (DataError, FileNotFoundError, ValueError) as exc:
         _fail(exc)
     console.print(f"wrote {written}")
 
 
 def _run_video(backend, folder, mask, segmenter, key_index, out, policy, size) -> str:
+    """segmenter: None, or a callable frames → probabilities (OnnxReferenceSegmenter) labelling the key frame."""
     import numpy as np
 
     from training.data import storage
     from training.data.folders import IMAGE_SUFFIXES, _png, load_image, load_mask
     from training.propagate.inference import propagate_both_ways, resize_frames, resize_labels
-    from training.propagate.pseudo_labels import OnnxReferenceSegmenter
 
     files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
     if not files:
@@ -169,7 +191,7 @@ def _run_video(backend, folder, mask, segmenter, key_index, out, policy, size) -
     if mask is not None:
         key_labels = resize_labels(load_mask(str(mask))[None], size, size)[0]
     elif segmenter is not None:
-        key_labels = OnnxReferenceSegmenter(segmenter)(frames[key_index : key_index + 1])[0].argmax(0).astype(np.uint8)
+        key_labels = segmenter(frames[key_index : key_index + 1])[0].argmax(0).astype(np.uint8)
     else:
         raise ValueError("give the key frame's labels: --mask PNG or --segmenter ONNX")
     labels, _ = propagate_both_ways(backend, frames, key_labels, key_index, policy)
@@ -223,7 +245,7 @@ def _run_volume(backend, image_path, labels_path, key_slices, out, policy, size)
 @app.command("pseudo-label")
 def pseudo_label(
     model: ModelOption,
-    segmenter: Annotated[Path, typer.Option(help="segmentation ONNX (the reference segmenter)")],
+    segmenter: Annotated[str, typer.Option(help="the reference segmenter: segmentation ONNX or models:/ ref")],
     data: Annotated[Path, typer.Option(help="frames: a vocalfolds or folder dataset root")],
     out: Annotated[Path, typer.Option(help="output dataset folder")],
     layout: Annotated[str, typer.Option(help="vocalfolds or folder")] = "vocalfolds",
@@ -233,13 +255,13 @@ def pseudo_label(
     min_kept: Annotated[float, typer.Option(help="a frame is written if this fraction of it is kept")] = 0.5,
     size: SizeOption = None,
     check_truth: Annotated[bool, typer.Option(help="vocalfolds: score kept pixels against the annotations")] = True,
+    tracking_uri: TrackingOption = None,
 ) -> None:
     """The segmenter labels key frames, propagation fills the rest, agreeing pixels are kept (others: keep/ = 0)."""
-    from pipelines.propagate_flow import load_backend, trained_size
+    from pipelines.propagate_flow import load_backend, locate_model, reference_segmenter, trained_size
     from training.data.folders import DataError, folder_index, vocalfolds_index
     from training.data.sources import DataSpec
     from training.propagate.pseudo_labels import (
-        OnnxReferenceSegmenter,
         PseudoLabelConfig,
         pseudo_label_sequence,
         truth_check,
@@ -249,9 +271,10 @@ def pseudo_label(
 
     cfg = PseudoLabelConfig(threshold=threshold, key_every=key_every, min_kept=min_kept)
     try:
-        backend = load_backend(model, cfg.memory)
-        size = size or trained_size(model)
-        reference = OnnxReferenceSegmenter(segmenter)
+        located = locate_model(model, _tracking(tracking_uri))
+        backend = load_backend(located, cfg.memory)
+        size = size or trained_size(located)
+        reference = reference_segmenter(segmenter, _tracking(tracking_uri))
         index = (
             vocalfolds_index(str(data), sequences=sequences, labelled=False)
             if layout == "vocalfolds"

@@ -1,12 +1,14 @@
 """Mask propagation end to end: MLflow run → Ray Train job → ONNX export + sequence parity → registry → evaluation.
 
-Also the pieces the CLI and the benchmark share: loading a model as a backend (torch checkpoint or ONNX graphs),
-and scoring sequences by J&F with the first labelled frame given, beside the copy-first-mask baseline.
+Also the pieces the CLI and the benchmark share: loading a model as a backend (torch checkpoint, ONNX graphs on disk
+or in the MLflow registry), and scoring sequences by J&F with the first labelled frame given, beside the
+copy-first-mask baseline.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 
 from pipelines.segment_flow import job_run
+from serving.resolve import resolve_model
 from training import tracking
 from training.data.simulator import simulate_sequences
 from training.data.sources import DataSpec
@@ -31,6 +34,7 @@ from training.propagate.export import (
     load_graphs,
 )
 from training.propagate.inference import MemoryPolicy, TorchBackend, propagate
+from training.propagate.pseudo_labels import OnnxReferenceSegmenter
 from training.propagate.sequences import labelled_sequences, sequence_names
 from training.propagation_metrics import j_and_f
 
@@ -53,26 +57,80 @@ def save_model(model: torch.nn.Module, cfg: PropagateJobConfig, path: Path) -> P
     return path
 
 
-def load_backend(model: Path, policy: MemoryPolicy, threads: int | None = None):
-    """A torch checkpoint (.pt: training state or save_model's file) or the ONNX graphs (one of them, or their
-    directory). Torch backends use the policy's top_k; ONNX graphs have theirs baked in."""
-    model = Path(model)
-    if model.suffix == ".pt":
-        if not model.is_file():
-            raise FileNotFoundError(f"{model}: not found; expected a propagation checkpoint")
-        state = torch.load(model, map_location="cpu", weights_only=False)
-        if threads:
-            torch.set_num_threads(threads)
-        return TorchBackend(propagate_train.load_model(state), policy.top_k)
-    return OnnxBackend(load_graphs(model), threads=threads)
+_REGISTRY_REF = re.compile(r"^models:/(?P<name>[^/@]+)(?P<tail>@[^/@]+|/[^/@]+)$")
 
 
-def trained_size(model: Path) -> int:
+def locate_model(model: str | Path, tracking_uri: str | None = None) -> Path | ExportedGraphs:
+    """What a --model names: a torch checkpoint (.pt: training state or save_model's file), or the three ONNX
+    graphs, on disk (one of them, or their directory) or registered (`registered_graphs`)."""
+    if str(model).startswith("models:/"):
+        return registered_graphs(str(model), tracking_uri)
+    path = Path(model).expanduser()
+    if path.suffix != ".pt":
+        return load_graphs(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; expected a propagation checkpoint")
+    return path
+
+
+def registered_graphs(ref: str, tracking_uri: str | None = None) -> ExportedGraphs:
+    """models:/NAME@ALIAS or models:/NAME/VERSION: the graphs `propagate train --register NAME@ALIAS` registered,
+    NAME-encode_key, NAME-encode_value and NAME-segment at that alias (or version), downloaded from the registry."""
+    match = _REGISTRY_REF.match(ref)
+    if not match:
+        raise ValueError(f"{ref!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    paths, runs = {}, {}
+    for graph in GRAPHS:
+        graph_ref = f"models:/{match['name']}-{graph}{match['tail']}"
+        try:
+            paths[graph] = resolve_model(graph_ref, tracking_uri=tracking_uri).path
+        except (FileNotFoundError, ValueError) as err:
+            raise FileNotFoundError(
+                f"{ref}: registered graph missing: {err}; expected the three graphs "
+                f"{match['name']}-{{{','.join(GRAPHS)}}} that `propagate train --register` registers"
+            ) from err
+        props = graph_metadata(paths[graph])
+        if (props.get("endoflow.task"), props.get("endoflow.graph")) != ("propagation", graph):
+            raise ValueError(
+                f"{graph_ref}: endoflow.task {props.get('endoflow.task')!r}, endoflow.graph "
+                f"{props.get('endoflow.graph')!r}; expected 'propagation' and {graph!r}"
+            )
+        runs[graph] = props.get("endoflow.source_run_id")
+    # The graphs exchange features whose shapes and meaning belong to one set of weights: never mix two exports.
+    if len(set(runs.values())) > 1:
+        raise ValueError(f"{ref}: the three graphs come from different training runs {runs}; register them together")
+    return ExportedGraphs(paths)
+
+
+def load_backend(
+    model: str | Path | ExportedGraphs,
+    policy: MemoryPolicy,
+    threads: int | None = None,
+    tracking_uri: str | None = None,
+):
+    """The backend of a model as `locate_model` finds it (or of graphs already located). Torch backends use the
+    policy's top_k; ONNX graphs have theirs baked in."""
+    located = model if isinstance(model, ExportedGraphs) else locate_model(model, tracking_uri)
+    if isinstance(located, ExportedGraphs):
+        return OnnxBackend(located, threads=threads)
+    state = torch.load(located, map_location="cpu", weights_only=False)
+    if threads:
+        torch.set_num_threads(threads)
+    return TorchBackend(propagate_train.load_model(state), policy.top_k)
+
+
+def trained_size(model: str | Path | ExportedGraphs, tracking_uri: str | None = None) -> int:
     """The frame side the model was trained at (a checkpoint's data.size, or the graphs' endoflow.input_size)."""
-    model = Path(model)
-    if model.suffix == ".pt":
-        return int(torch.load(model, map_location="cpu", weights_only=False)["config"]["data"]["size"])
-    return int(json.loads(graph_metadata(load_graphs(model)["segment"])["endoflow.input_size"])[0])
+    located = model if isinstance(model, ExportedGraphs) else locate_model(model, tracking_uri)
+    if isinstance(located, ExportedGraphs):
+        return int(json.loads(graph_metadata(located["segment"])["endoflow.input_size"])[0])
+    return int(torch.load(located, map_location="cpu", weights_only=False)["config"]["data"]["size"])
+
+
+def reference_segmenter(ref: str | Path, tracking_uri: str | None = None) -> OnnxReferenceSegmenter:
+    """The segmentation ONNX a --segmenter names: a file, a directory holding model.onnx, or models:/NAME@ALIAS
+    (models:/NAME/VERSION) in the registry at `tracking_uri`."""
+    return OnnxReferenceSegmenter(resolve_model(ref, tracking_uri=tracking_uri).path)
 
 
 def score_sequence(backend, frames: np.ndarray, truth: np.ndarray, policy: MemoryPolicy) -> dict:
@@ -110,7 +168,7 @@ def evaluate_sequences(backend, sequences: dict[str, tuple[np.ndarray, np.ndarra
 
 
 def named_sequences(spec: DataSpec) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    return dict(zip(sequence_names(spec), labelled_sequences(spec), strict=True))
+    return dict(zip(sequence_names(spec), labelled_sequences(spec, dense=True), strict=True))
 
 
 def sequence_parity(model, graphs: ExportedGraphs, frames: np.ndarray, truth: np.ndarray, policy: MemoryPolicy) -> dict:

@@ -15,7 +15,8 @@ import numpy as np
 def confusion_matrix(
     truth: np.ndarray, pred: np.ndarray, num_classes: int, ignore_index: int | None = None
 ) -> np.ndarray:
-    """(num_classes, num_classes) counts, rows = truth, columns = prediction."""
+    """(num_classes, num_classes) counts, rows = truth, columns = prediction. Truth pixels outside 0..num_classes-1
+    (IGNORE_INDEX, 255) or equal to `ignore_index` are left out."""
     if truth.shape != pred.shape:
         raise ValueError(f"truth shape {truth.shape} and prediction shape {pred.shape} differ")
     t = truth.reshape(-1).astype(np.int64)

@@ -8,12 +8,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from training.data.classes import CLASS_COLOURS
+from training.data.classes import CLASS_COLOURS, IGNORE_INDEX
+
+IGNORE_COLOUR = (128, 128, 128)  # pixels without a label (a pseudo-label set's ignored pixels), unlike any class
 
 
 def colourise(labels_hw: np.ndarray) -> np.ndarray:
     palette = np.asarray(CLASS_COLOURS, dtype=np.uint8)
-    return palette[np.clip(labels_hw, 0, len(palette) - 1)]
+    colours = palette[np.clip(labels_hw, 0, len(palette) - 1)]
+    colours[labels_hw == IGNORE_INDEX] = IGNORE_COLOUR
+    return colours
 
 
 def overlay(image_hwc: np.ndarray, labels_hw: np.ndarray, alpha: float = 0.45) -> np.ndarray:

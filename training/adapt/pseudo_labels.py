@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from training.data.classes import IGNORE_INDEX
 from training.style.colour import srgb_to_lab
 
-IGNORE_INDEX = 255
 _EPS = 1e-8
 
 

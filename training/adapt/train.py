@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from ray.train.torch import prepare_model
 
 from training import loop
@@ -40,7 +39,7 @@ from training.data.normalize import normalize, to_unit_bchw
 from training.data.sources import load_data
 from training.models.unet import Segmenter, UNetConfig
 from training.segment.predict import predict_labels, score
-from training.segment.train import TrainedSegmenter, augment
+from training.segment.train import TrainedSegmenter, augment, masked_cross_entropy
 from training.style.generator_file import load_generator
 from training.style.transforms import apply_style
 
@@ -195,7 +194,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
             translated, ratio = images.copy(), 1.0
             translated[:source_count] = translate(images[:source_count], target_images, cfg.style, rng, generator)
             if cfg.irb.enabled:
-                ious = per_image_iou(predict_labels(teacher, translated), masks, cfg.model.num_classes)
+                ious = per_image_iou(predict_labels(teacher, translated), masks, cfg.model.num_classes, IGNORE_INDEX)
                 top, ratio = cfg.irb.top_fraction, cfg.irb.translated_ratio
                 stats["irb_mean_iou"] = float(np.nanmean(ious))
         picks = irb_mix(len(images), ious, top, ratio, steps * batch_size, rng)
@@ -225,14 +224,13 @@ def train_loop_per_worker(config_dict: dict) -> None:
             inputs, labels = inputs.to(context.device), labels.to(context.device)
             with context.autocast():
                 source_logits, target_logits = model(inputs).split([len(labels), len(inputs) - len(labels)])
-                terms = {"loss_source": F.cross_entropy(source_logits, labels)}
+                # Labelled frames may carry IGNORE_INDEX (pseudo-label sets with keep/ masks): skipped, like
+                # the unkept pixels of the job's own pseudo-labels below.
+                terms = {"loss_source": masked_cross_entropy(source_logits, labels)}
                 loss = terms["loss_source"]
                 if use_pseudo:
                     pseudo = torch.as_tensor(target_labels[target_index]).long().to(context.device)
-                    # Mean over kept pixels; a batch with none kept adds 0 instead of cross_entropy's NaN.
-                    kept = (pseudo != IGNORE_INDEX).sum().clamp_min(1)
-                    ce = F.cross_entropy(target_logits, pseudo, ignore_index=IGNORE_INDEX, reduction="sum")
-                    terms["loss_pseudo"] = ce / kept
+                    terms["loss_pseudo"] = masked_cross_entropy(target_logits, pseudo)
                     loss = loss + cfg.pseudo.weight * terms["loss_pseudo"]
                 if use_adversarial:
                     adversarial = adversarial_losses(disc, source_logits.softmax(dim=1), target_logits.softmax(dim=1))

@@ -14,6 +14,8 @@ CLASS_NAMES: tuple[str, ...] = (
 )
 NUM_CLASSES = len(CLASS_NAMES)
 VOID, VOCAL_FOLDS, OTHER_TISSUE, GLOTTAL_SPACE, PATHOLOGY, SURGICAL_TOOL, INTUBATION = range(NUM_CLASSES)
+# A label map's value for "no label here" (pixels a pseudo-label's keep mask drops): losses and metrics skip it.
+IGNORE_INDEX = 255
 
 # Colours for overlays and label-map previews (RGB).
 CLASS_COLOURS: tuple[tuple[int, int, int], ...] = (

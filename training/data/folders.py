@@ -11,7 +11,10 @@ Two layouts are read:
   annot/<patient>/<sequence>/<frame>.png holding our class indices directly.
 - folder (as EISOST-style sets ship): images/<name>.png|jpg, masks/<name>.png matched by name, and classes.json
   (or classes.yaml) mapping mask values to our class names: {"0": "void", "255": "vocal_folds"} for grey masks or
-  {"255,0,0": "surgical_tool"} for colour masks. `write_folder_dataset` writes this layout.
+  {"255,0,0": "surgical_tool"} for colour masks. `write_folder_dataset` writes this layout. An optional
+  keep/<name>.png per frame (255 keep, 0 ignore; `endoflow propagate pseudo-label` writes them) turns the labels
+  of ignored pixels into IGNORE_INDEX, which every loss and metric skips: classes.json can only name classes, so
+  the ignore value cannot live in masks/ itself.
 """
 
 from __future__ import annotations
@@ -28,11 +31,12 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from training.data import storage
-from training.data.classes import CLASS_NAMES, NUM_CLASSES
+from training.data.classes import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MASK_SUFFIXES = (".png",)
 CLASS_MAP_FILES = ("classes.json", "classes.yaml", "classes.yml")
+KEEP_DIR = "keep"
 _UNMAPPED = 255  # marker in lookup tables for values missing from a class map
 
 
@@ -91,16 +95,21 @@ class ClassMap:
 @dataclass(frozen=True)
 class FrameIndex:
     """Which frames a dataset holds: image URIs, mask URIs (None when unlabelled), the sequence of each frame, and
-    how mask values map to classes. Cheap to build and to split; nothing is decoded until load_frames."""
+    how mask values map to classes; keep: keep-mask URIs (labels where they are 0 become IGNORE_INDEX), or None.
+    Cheap to build and to split; nothing is decoded until load_frames."""
 
     images: tuple[str, ...]
     masks: tuple[str, ...] | None
     sequences: tuple[str, ...]
     class_map: ClassMap = field(default_factory=ClassMap.identity)
+    keep: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        if len(self.sequences) != len(self.images) or (self.masks is not None and len(self.masks) != len(self.images)):
-            raise ValueError("images, masks and sequences of a FrameIndex must have one entry per frame")
+        lengths = {len(self.images), len(self.sequences)} | {len(p) for p in (self.masks, self.keep) if p is not None}
+        if len(lengths) > 1:
+            raise ValueError("images, masks, keep and sequences of a FrameIndex must have one entry per frame")
+        if self.keep is not None and self.masks is None:
+            raise ValueError("a FrameIndex with keep masks needs label masks")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -113,6 +122,7 @@ class FrameIndex:
             masks=None if self.masks is None else tuple(self.masks[i] for i in chosen),
             sequences=tuple(self.sequences[i] for i in chosen),
             class_map=self.class_map,
+            keep=None if self.keep is None else tuple(self.keep[i] for i in chosen),
         )
 
 
@@ -178,11 +188,12 @@ def vocalfolds_index(
 
 
 def folder_index(root: str) -> FrameIndex:
-    """Index the folder layout under `root` (local or s3://): images/, optional masks/ and a class-map file.
+    """Index the folder layout under `root` (local or s3://): images/, optional masks/ and a class-map file, and
+    optional keep/ masks.
 
-    Without masks/ the index is unlabelled. Files in subfolders of images/ are matched to masks/ by their path
-    below it, and their subfolder names the sequence; files directly in images/ belong to a sequence named after
-    the dataset folder.
+    Without masks/ the index is unlabelled (and keep/ unused). Files in subfolders of images/ are matched to masks/
+    (and keep/) by their path below it, and their subfolder names the sequence; files directly in images/ belong to
+    a sequence named after the dataset folder. When keep/ exists, every frame needs its keep mask.
     """
     image_root, mask_root = storage.join(root, "images"), storage.join(root, "masks")
     images = _by_stem(_listing(image_root, IMAGE_SUFFIXES, f"{root}: expected images/*.png|jpg"), image_root)
@@ -194,19 +205,28 @@ def folder_index(root: str) -> FrameIndex:
     if not storage.exists(mask_root):
         return FrameIndex(images=tuple(images[s] for s in stems), masks=None, sequences=sequences)
 
-    masks = _by_stem(_listing(mask_root, MASK_SUFFIXES, f"{root}: expected masks/*.png"), mask_root)
-    missing = [images[stem] for stem in stems if stem not in masks]
-    if missing:
-        relative = PurePosixPath(storage.relative_to(missing[0], image_root))
-        expected = storage.join(mask_root, str(relative.with_suffix(".png")))
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise DataError(f"{missing[0]}: no matching mask{more}; expected {expected}")
+    masks = _matched(images, stems, image_root, mask_root, "mask")
+    keep_root = storage.join(root, KEEP_DIR)
+    keep = _matched(images, stems, image_root, keep_root, "keep mask") if storage.exists(keep_root) else None
     return FrameIndex(
         images=tuple(images[s] for s in stems),
         masks=tuple(masks[s] for s in stems),
         sequences=sequences,
         class_map=_read_class_map(root),
+        keep=None if keep is None else tuple(keep[s] for s in stems),
     )
+
+
+def _matched(images: dict[str, str], stems: list[str], image_root: str, root: str, what: str) -> dict[str, str]:
+    """The .png under `root` of every image stem (masks/ or keep/); DataError naming the first image without one."""
+    found = _by_stem(_listing(root, MASK_SUFFIXES, f"expected {what}s as .png files"), root)
+    missing = [images[stem] for stem in stems if stem not in found]
+    if missing:
+        relative = PurePosixPath(storage.relative_to(missing[0], image_root))
+        expected = storage.join(root, str(relative.with_suffix(".png")))
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DataError(f"{missing[0]}: no matching {what}{more}; expected {expected}")
+    return found
 
 
 def load_image(uri: str) -> np.ndarray:
@@ -237,11 +257,26 @@ def load_mask(uri: str, class_map: ClassMap | None = None) -> np.ndarray:
         return _map_values(uri, values, class_map)
 
 
-def load_frames(index: FrameIndex, size: int | None = None, workers: int = 8) -> tuple[np.ndarray, np.ndarray | None]:
-    """Decode an index: images (N, H, W, 3) uint8 and masks (N, H, W) uint8 class indices (None if unlabelled).
+def load_keep(uri: str) -> np.ndarray:
+    """Decode one keep mask to (H, W) bool (True: keep); DataError unless it is single-channel 0 (ignore) / 255."""
+    with _open_image(uri) as image:
+        if image.mode not in ("1", "L"):
+            raise DataError(f"{uri}: keep mask has mode {image.mode}; expected a single-channel PNG of 255 and 0")
+        values = np.asarray(image.convert("L"))
+    odd = np.unique(values[(values != 0) & (values != 255)])
+    if odd.size:
+        shown = ", ".join(str(int(v)) for v in odd[:8])
+        raise DataError(f"{uri}: keep mask holds values {shown}; expected 255 (keep) or 0 (ignore)")
+    return values == 255
 
-    size: resize every frame to size×size (bilinear for images, nearest for masks); without it all frames must
-    share one size. Files are fetched and decoded on `workers` threads, which mostly wait on I/O and zlib.
+
+def load_frames(index: FrameIndex, size: int | None = None, workers: int = 8) -> tuple[np.ndarray, np.ndarray | None]:
+    """Decode an index: images (N, H, W, 3) uint8 and masks (N, H, W) uint8 class indices (None if unlabelled),
+    IGNORE_INDEX where the index's keep mask is 0.
+
+    size: resize every frame to size×size (bilinear for images, nearest for masks, so IGNORE_INDEX stays intact);
+    without it all frames must share one size. Files are fetched and decoded on `workers` threads, which mostly
+    wait on I/O and zlib.
     """
     if size is not None and size < 1:
         raise ValueError(f"size must be positive, got {size}")
@@ -258,6 +293,15 @@ def load_frames(index: FrameIndex, size: int | None = None, workers: int = 8) ->
                     f"{mask_uri}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {image_uri} is "
                     f"{image.shape[1]}x{image.shape[0]}; expected equal sizes"
                 )
+            if index.keep is not None:
+                keep_uri = index.keep[position]
+                keep = load_keep(keep_uri)
+                if keep.shape != mask.shape:
+                    raise DataError(
+                        f"{keep_uri}: keep mask is {keep.shape[1]}x{keep.shape[0]} but its mask {mask_uri} is "
+                        f"{mask.shape[1]}x{mask.shape[0]}; expected equal sizes"
+                    )
+                mask = np.where(keep, mask, np.uint8(IGNORE_INDEX))
         if size is not None and image.shape[:2] != (size, size):
             image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
             if mask is not None:

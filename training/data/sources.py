@@ -7,6 +7,7 @@ arrays from the driver, so the same config runs on a laptop and on a cluster.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Literal
 
 import numpy as np
@@ -52,7 +53,8 @@ def shard_bounds(total: int, rank: int, world: int) -> tuple[int, int]:
 
 
 def load_data(spec: DataSpec, rank: int = 0, world: int = 1) -> tuple[np.ndarray, np.ndarray | None]:
-    """(images (N,H,W,3) uint8, masks (N,H,W) uint8 or None) for this worker's shard."""
+    """(images (N,H,W,3) uint8, masks (N,H,W) uint8 or None) for this worker's shard; a folder's keep/ masks
+    make ignored pixels IGNORE_INDEX (training/data/folders.py)."""
     if spec.kind == "sim":
         start, stop = shard_bounds(spec.count, rank, world)
         images, masks = simulate_frames(stop - start, seed=spec.seed, style=spec.style, size=spec.size, start=start)
@@ -61,6 +63,7 @@ def load_data(spec: DataSpec, rank: int = 0, world: int = 1) -> tuple[np.ndarray
         index = vocalfolds_index(spec.uri, patients=spec.patients, sequences=spec.sequences, labelled=spec.labelled)
     else:
         index = folder_index(spec.uri)
+    if not spec.labelled:  # never decode labels (or keep masks) that nobody reads
+        index = replace(index, masks=None, keep=None)
     start, stop = shard_bounds(len(index), rank, world)
-    images, masks = load_frames(index.subset(range(start, stop)), size=spec.size)
-    return images, masks if spec.labelled else None
+    return load_frames(index.subset(range(start, stop)), size=spec.size)

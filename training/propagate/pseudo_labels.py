@@ -8,12 +8,12 @@ sweep parameter (below 1, so that disagreeing pixels are never kept).
 
 Output: the folder layout training/data/folders.py reads (images/, masks/, classes.json, one subfolder per
 sequence), plus keep/<sequence>/<frame>.png — 255 where a pixel is kept, 0 where it must be ignored — and
-pseudo_labels.json with the settings and per-frame kept fractions. Why a separate mask: the folder loader accepts
-only values of classes.json, which holds class names only, so an ignore value (255, the adapt job's IGNORE_INDEX,
-which its cross-entropy skips) cannot be stored in masks/; neither the segment nor the adapt job's labelled-source
-loss has an ignore index. masks/ holds the reference segmenter's label at ignored pixels; a consumer sets
-`labels[keep == 0] = 255` and uses cross_entropy(ignore_index=255), as the adapt job does for its own
-pseudo-labels.
+pseudo_labels.json with the settings and per-frame kept fractions. Why a separate mask: masks/ may hold only values
+of classes.json, which names classes only, so the ignore value cannot be stored there; masks/ holds the reference
+segmenter's label at ignored pixels. The folder reader applies keep/ itself: labels where keep is 0 load as
+IGNORE_INDEX (255), which the segment and adapt jobs' losses (labelled source and extra_labelled alike) and val
+scores, and the propagation job's clip loss, skip; so the set works directly as `{kind: folder, uri: OUT}` there.
+J&F evaluation, which needs dense labels, refuses it.
 """
 
 from __future__ import annotations
@@ -28,10 +28,9 @@ from pydantic import Field
 
 from training.config import StrictModel
 from training.data import storage
+from training.data.classes import IGNORE_INDEX
 from training.data.folders import _png, write_folder_dataset
 from training.propagate.inference import MemoryPolicy, propagate_from_keys
-
-IGNORE_INDEX = 255  # the adapt job's convention (training/adapt/pseudo_labels.py)
 
 # frames (T, H, W, 3) uint8 → softmax probabilities (T, C, H, W) float32
 ReferenceSegmenter = Callable[[np.ndarray], np.ndarray]
@@ -116,7 +115,8 @@ def write_pseudo_dataset(
         "threshold": cfg.threshold,
         "key_every": cfg.key_every,
         "min_kept": cfg.min_kept,
-        "ignore": "keep/<name>.png: 255 kept, 0 ignore (set the label to 255 and use cross_entropy ignore_index=255)",
+        "ignore": f"keep/<name>.png: 255 kept, 0 ignored; the folder reader labels ignored pixels {IGNORE_INDEX}, "
+        "which training losses and scores skip",
         "frames_written": len(names),
         "pixels_kept": float(np.mean([k.mean() for k in keeps])),
         "sequences": report,

@@ -3,7 +3,8 @@
 - Static images (simulator frames, labelled real frames) become pseudo-sequences: K independent random affine +
   elastic deformations of the same image (stage 1, as STCN pre-trains on static images).
 - Sequences (simulator sequences, labelled real sequences) give K frames in order with random gaps, mildly deformed.
-In each clip up to `max_objects` classes of its first frame become objects 1..N; everything else is background 0.
+In each clip up to `max_objects` classes of its first frame become objects 1..N; everything else is background 0,
+except IGNORE_INDEX pixels (a folder set's keep/ masks), which stay IGNORE_INDEX for the loss to skip.
 
 Shapes: clips are frames (B, K, 3, H, W) float in [0, 1] and labels (B, K, H, W) long.
 """
@@ -17,7 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training.data.folders import FrameIndex, folder_index, load_frames, vocalfolds_index
+from training.data.classes import IGNORE_INDEX
+from training.data.folders import DataError, FrameIndex, folder_index, load_frames, vocalfolds_index
 from training.data.simulator import simulate_frames, simulate_sequences
 from training.data.sources import DataSpec
 from training.data.volumes import simulate_volume, slices_as_frames
@@ -49,8 +51,12 @@ class ClipPools:
         return sum(len(p.sequences) for p in (self.sim, self.real) if p is not None)
 
 
-def labelled_sequences(spec: DataSpec) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The labelled frames of a vocalfolds or folder DataSpec, grouped by sequence, in file-name (time) order."""
+def labelled_sequences(spec: DataSpec, dense: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The labelled frames of a vocalfolds or folder DataSpec, grouped by sequence, in file-name (time) order.
+
+    dense: refuse a folder with keep/ masks. J&F scoring starts from the first frame's full label map and counts
+    every pixel, so ignored pixels (IGNORE_INDEX) have no meaning there; training clips skip them instead.
+    """
     if spec.kind == "vocalfolds":
         index = vocalfolds_index(spec.uri, patients=spec.patients, sequences=spec.sequences)
     elif spec.kind == "folder":
@@ -59,6 +65,11 @@ def labelled_sequences(spec: DataSpec) -> list[tuple[np.ndarray, np.ndarray]]:
         raise ValueError(f"labelled sequences need kind vocalfolds or folder, got {spec.kind!r}")
     if index.masks is None:
         raise ValueError(f"{spec.describe()} has no masks; propagation needs labelled sequences")
+    if dense and index.keep is not None:
+        raise DataError(
+            f"{spec.uri}: has keep/ masks (pseudo-labels with ignored pixels); J&F evaluation needs fully labelled "
+            "sequences, e.g. a folder without keep/"
+        )
     out = []
     for name in sorted(set(index.sequences)):
         positions = [i for i, s in enumerate(index.sequences) if s == name]
@@ -117,10 +128,12 @@ def build_pools(cfg: ClipDataConfig, rank: int = 0, world: int = 1) -> ClipPools
 
 
 def pick_objects(labels_khw: np.ndarray, max_objects: int, rng: np.random.Generator) -> np.ndarray:
-    """Relabel a clip: up to max_objects classes of its first frame → 1..N in random order, the rest → 0."""
-    present = [int(c) for c in np.unique(labels_khw[0]) if c != 0]
+    """Relabel a clip: up to max_objects classes of its first frame → 1..N in random order, the rest → 0, and
+    IGNORE_INDEX stays IGNORE_INDEX."""
+    present = [int(c) for c in np.unique(labels_khw[0]) if c not in (0, IGNORE_INDEX)]
     chosen = rng.permutation(present)[:max_objects] if present else []
     table = np.zeros(256, np.int64)
+    table[IGNORE_INDEX] = IGNORE_INDEX
     for i, c in enumerate(chosen):
         table[c] = i + 1
     return table[labels_khw]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from training.data.classes import CLASS_NAMES
+from training.data.classes import CLASS_NAMES, IGNORE_INDEX
 from training.data.normalize import normalize, to_unit_bchw
 from training.metrics import SegmentationScores
 
@@ -25,9 +25,10 @@ def predict_labels(model: torch.nn.Module, images_nhwc: np.ndarray, batch_size: 
 
 
 def score(model: torch.nn.Module, images_nhwc: np.ndarray, masks_nhw: np.ndarray) -> tuple[dict, np.ndarray]:
-    """Per-class and mean Dice/IoU over all frames, and the predictions (for overlays)."""
+    """Per-class and mean Dice/IoU over all frames (pixels labelled IGNORE_INDEX left out), and the predictions
+    (for overlays)."""
     predictions = predict_labels(model, images_nhwc)
-    scores = SegmentationScores(CLASS_NAMES[: model_classes(model)])
+    scores = SegmentationScores(CLASS_NAMES[: model_classes(model)], ignore_index=IGNORE_INDEX)
     scores.update(masks_nhw, predictions)
     return scores.summary(), predictions
 

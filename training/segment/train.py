@@ -1,5 +1,6 @@
 """Segmentation training as a Ray Train job: source frames (optionally FDA-translated toward unlabelled target
-frames) → cross-entropy, validation on labelled target frames every epoch, a checkpoint every epoch.
+frames) → cross-entropy, validation on labelled target frames every epoch, a checkpoint every epoch. Pixels
+labelled IGNORE_INDEX (a pseudo-label set's keep/ masks) count in neither the loss nor the scores.
 
 `run(config)` is the driver side; `train_loop_per_worker` runs on each Ray Train worker.
 """
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from ray.train.torch import prepare_model
 
 from training import loop
+from training.data.classes import IGNORE_INDEX
 from training.data.normalize import normalize, to_unit_bchw
 from training.data.sources import load_data
 from training.models.unet import Segmenter
@@ -23,7 +25,16 @@ from training.segment.predict import score
 from training.style.transforms import apply_style
 
 
+def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the pixels not labelled IGNORE_INDEX; 0 for a batch without any, where
+    cross_entropy's own mean would be NaN (0/0) and poison the weights."""
+    kept = (labels != IGNORE_INDEX).sum().clamp_min(1)
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum") / kept
+
+
 def augment(batch_unit: torch.Tensor, masks: torch.Tensor, cfg: AugmentConfig, rng: torch.Generator):
+    """Flips move images and label maps alike; photometric jitter touches the images only, so label values
+    (IGNORE_INDEX included) pass through unchanged."""
     if cfg.hflip:
         flip = torch.rand(batch_unit.shape[0], generator=rng) < 0.5
         batch_unit[flip] = batch_unit[flip].flip(-1)
@@ -83,7 +94,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
             batch, labels = augment(batch, torch.as_tensor(masks[index]).long(), cfg.augment, rng)
             batch, labels = normalize(batch).to(context.device), labels.to(context.device)
             with context.autocast():
-                loss = F.cross_entropy(model(batch), labels)
+                loss = masked_cross_entropy(model(batch), labels)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

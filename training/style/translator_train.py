@@ -36,6 +36,7 @@ from training.models.translator import (
     to_unit,
 )
 from training.models.unet import Segmenter, UNetConfig
+from training.segment.train import masked_cross_entropy
 from training.style.generator_file import save_generator
 from training.style.translator_config import TranslatorJobConfig, TranslatorLossConfig
 
@@ -125,7 +126,8 @@ def train_step(
     loss_g = weights.gan * terms["loss_gan"] + weights.nce * terms["loss_nce"]
     loss_g = loss_g + weights.structure * terms["loss_structure"]
     if segmenter is not None and labels is not None and weights.semantic > 0:
-        terms["loss_semantic"] = F.cross_entropy(segmenter(normalize(to_unit(fake))), labels)
+        # Source labels may hold IGNORE_INDEX (a folder source with keep/ masks): those pixels are skipped.
+        terms["loss_semantic"] = masked_cross_entropy(segmenter(normalize(to_unit(fake))), labels)
         loss_g = loss_g + weights.semantic * terms["loss_semantic"]
     parts.opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
