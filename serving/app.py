@@ -2,7 +2,7 @@
 
 People (REST):
   GET  /                  a page to drop an image and see the overlay (serving/web/index.html)
-  GET  /healthz           {"status": "ok", "model": {name, ref, sha256, version}}
+  GET  /healthz           {"status": "ok", "model": {name, ref, sha256, version}[, "propagation": {..., graphs}]}
   GET  /v1/model          the model's metadata, providers and request limits
   POST /v1/segment        body = PNG/JPEG bytes -> image/png uint8 label map at the input's size
                           ?format=json -> per-class areas + COCO RLE masks + mean uncertainty
@@ -14,6 +14,11 @@ Machines (Open Inference Protocol v2, what KServe and Triton clients speak; tens
        input  "image": FP32 [N, 3, H, W] normalised (the ONNX contract), or UINT8 [N, H, W, 3] raw RGB pixels
        output "labels" UINT8 [N, H, W], "logits" FP32 [N, C, h, w], "entropy" FP32 [N, H, W] in [0, 1]
        {v} is the first 12 hex digits of the model's sha256, so a moved alias is a new version.
+  {name} = NAME-encode_key | NAME-encode_value | NAME-segment, with a propagation model NAME: its three graphs as
+       raw models (serving/raw_model.py) for clients that run propagation and keep the memory themselves; inputs
+       and outputs are the graphs' own (training/propagate/export.py's contract), listed in the metadata with
+       dynamic dims as -1. The three share one version (over their three sha256s): pin it (`model_version`) for a
+       whole stream, so a moved alias answers 404 instead of mixing two trainings' keys and values in one memory.
 Propagation (when the replica has a propagation model; images travel as base64 PNG/JPEG inside JSON):
   POST   /v1/propagate/clip              {"frames": [...], "mask": PNG label map of frames[0]} -> {"masks": [...]}
   POST   /v1/propagate/sessions          {"frame", "mask"} -> 201 {"session": id, ...}: a stream opens
@@ -25,8 +30,10 @@ Operations: GET /metrics (Prometheus), /openapi.json, /docs.
 
 Every client mistake is a 4xx with JSON {"error": "..."}; the replica keeps serving. The model is resolved, its
 sha256 taken and its metadata parsed once per replica; a background thread re-resolves the reference every
-`reload_interval_s` and swaps in a new model when the sha256 changed, without dropping a request. Requests from
-all routes meet in one dynamic batcher (`@serve.batch`) in front of onnxruntime.
+`reload_interval_s` and swaps in a new model when the sha256 changed, without dropping a request. The propagation
+model's reference is re-resolved the same way and its three graphs swapped together (only when they are one export;
+see `_reload_propagator` for what open streams do). Segmentation requests from all routes meet in one dynamic
+batcher (`@serve.batch`) in front of onnxruntime.
 """
 
 # No `from __future__ import annotations` here: serve.ingress rebuilds the routes from the endpoints'
@@ -62,6 +69,7 @@ from serving.loaded import LoadedModel
 from serving.metrics import CONTENT_TYPE, ServiceMetrics
 from serving.onnx_model import OnnxSegmenter, Provider, choose_providers, entropy_from_logits, labels_from_logits
 from serving.propagation import OnnxPropagator, Stream, resolve_graphs
+from serving.raw_model import RawOnnxModel
 from serving.resolve import ResolvedModel, resolve_model
 from serving.sessions import SessionStore
 
@@ -137,6 +145,14 @@ async def read_image_body(request: Request, max_bytes: int) -> bytes:
 V2_OUTPUTS = ("labels", "logits", "entropy")
 
 
+def v2_response(payload: bytes, json_length: int | None) -> Response:
+    if json_length is None:
+        return Response(payload, media_type="application/json")
+    return Response(
+        payload, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(json_length)}
+    )
+
+
 @serve.deployment
 @serve.ingress(api)
 class SegmentationService:
@@ -170,7 +186,7 @@ class SegmentationService:
         self._logits_batched.set_max_batch_size(max_batch_size)
         self._logits_batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batching = {"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s}
-        self.propagator = None
+        self.propagation_ref, self.propagator = propagation_model, None
         if propagation_model:
             graphs = resolve_graphs(propagation_model, cache_dir, tracking_uri)
             self.propagator = OnnxPropagator(graphs, self.providers, threads)
@@ -194,6 +210,29 @@ class SegmentationService:
                     log.warning("model %s moved: now serving sha256 %s", self.model_ref, resolved.sha256)
             except Exception as err:  # a registry hiccup must not take down a replica that serves fine
                 log.warning("re-resolving %s failed, still serving the previous model: %s", self.model_ref, err)
+            if self.propagation_ref:
+                self._reload_propagator(self.propagation_ref)
+
+    def _reload_propagator(self, ref: str) -> None:
+        """Swap in the propagation graphs `ref` now names, if any of the three changed.
+
+        The swap is one attribute store, so a request (REST or v2) sees the old three graphs or the new three, never
+        a mix. Open streams keep the propagator they were opened with (Stream.model), deliberately: their memory
+        holds keys and values from the old encoders, which the new segment graph cannot read, so they finish on the
+        old graphs (freed with the last such stream) and only streams opened afterwards use the new ones. Closing
+        them would cut every live video at each alias move for no gain in correctness. v2 clients keep their memory
+        themselves and pin the version; theirs answers 404 after a swap. While a registry's three aliases are being
+        moved one by one the graphs come from two exports: OnnxPropagator refuses that, and the next round retries.
+        """
+        try:
+            graphs = resolve_graphs(ref, self.cache_dir, self.tracking_uri)
+            current = self.propagator
+            if current is None or {g: r.sha256 for g, r in graphs.items()} != current.sha256:
+                self.propagator = OnnxPropagator(graphs, self.providers, self.threads)
+                self.metrics.reloads.inc()
+                log.warning("propagation model %s moved: now serving version %s", ref, self.propagator.version)
+        except Exception as err:  # as above: keep serving what works
+            log.warning("re-resolving %s failed, still serving the previous propagation graphs: %s", ref, err)
 
     # ---- batching: every route's normalised batches meet here ----------------------------------------------
 
@@ -213,7 +252,10 @@ class SegmentationService:
 
     @api.get("/healthz")
     def healthz(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.loaded.identity}
+        health: dict[str, Any] = {"status": "ok", "model": self.loaded.identity}
+        if (propagator := self.propagator) is not None:
+            health["propagation"] = {"ref": self.propagation_ref, **propagator.identity}
+        return health
 
     @api.get("/metrics", include_in_schema=False)
     def metrics_text(self) -> Response:
@@ -289,11 +331,13 @@ class SegmentationService:
 
     @api.get("/v2/models/{name}/ready")
     def v2_model_ready(self, name: str) -> dict[str, Any]:
-        return {"name": self._v2_model(name, None).resolved.name, "ready": True}
+        self._v2_model(name, None)
+        return {"name": name, "ready": True}
 
     @api.get("/v2/models/{name}/versions/{version}/ready")
     def v2_model_version_ready(self, name: str, version: str) -> dict[str, Any]:
-        return {"name": self._v2_model(name, version).resolved.name, "ready": True}
+        self._v2_model(name, version)
+        return {"name": name, "ready": True}
 
     @api.post("/v2/models/{name}/infer")
     async def v2_infer(self, name: str, request: Request) -> Response:
@@ -303,15 +347,22 @@ class SegmentationService:
     async def v2_infer_version(self, name: str, version: str, request: Request) -> Response:
         return await self._v2_infer(self._v2_model(name, version), request)
 
-    def _v2_model(self, name: str, version: str | None) -> LoadedModel:
-        loaded = self.loaded
-        if name != loaded.resolved.name:
-            raise RequestError(404, f"unknown model {name!r}; this server has {loaded.resolved.name!r}")
-        if version is not None and version != loaded.version:
-            raise RequestError(404, f"model {name!r} has no version {version!r}; it serves {loaded.version!r}")
-        return loaded
+    def _v2_model(self, name: str, version: str | None) -> LoadedModel | RawOnnxModel:
+        """The segmentation model, or one of the propagation graphs; each read of self.loaded / self.propagator is
+        one snapshot, so a reload between lookup and inference cannot change the model under a request."""
+        loaded, propagator = self.loaded, self.propagator
+        models: dict[str, LoadedModel | RawOnnxModel] = dict(propagator.v2_models) if propagator else {}
+        models[loaded.resolved.name] = loaded  # the segmentation model keeps its name if a graph's collides
+        if name not in models:
+            raise RequestError(404, f"unknown model {name!r}; this server has {sorted(models)}")
+        model = models[name]
+        if version is not None and version != model.version:
+            raise RequestError(404, f"model {name!r} has no version {version!r}; it serves {model.version!r}")
+        return model
 
-    def _v2_metadata(self, loaded: LoadedModel) -> dict[str, Any]:
+    def _v2_metadata(self, loaded: LoadedModel | RawOnnxModel) -> dict[str, Any]:
+        if isinstance(loaded, RawOnnxModel):
+            return loaded.metadata()
         classes = len(loaded.model.class_names)
         return {
             "name": loaded.resolved.name,
@@ -326,13 +377,25 @@ class SegmentationService:
             "parameters": {"also_accepts": "image as UINT8 [N, H, W, 3] RGB pixels", **loaded.identity},
         }
 
-    async def _v2_infer(self, loaded: LoadedModel, request: Request) -> Response:
+    async def _v2_infer(self, model: LoadedModel | RawOnnxModel, request: Request) -> Response:
         body = await read_body(request, self.limits.max_body_bytes)
         header_length = request.headers.get(v2.HEADER_LENGTH)
         if header_length is None:  # all-JSON tensors can be megabytes of text: parse off the event loop
             parsed = await run_in_threadpool(v2.parse_request, body, None, self.limits.max_tensor_elements)
         else:  # binary tensors are views of the body: parsing is only the small JSON header
             parsed = v2.parse_request(body, header_length, self.limits.max_tensor_elements)
+        if isinstance(model, LoadedModel):
+            return v2_response(*await self._v2_segment(model, parsed))
+
+        def run_raw() -> tuple[bytes, int | None]:
+            # Not batched: raw graphs take whole tensors of any leading size the graph allows, and the propagation
+            # graphs fix their batch axis at 1, so there is nothing to stack.
+            outputs = model.infer(parsed.inputs, parsed.outputs)
+            return v2.encode_response(model.name, model.version, parsed, outputs)
+
+        return v2_response(*await run_in_threadpool(run_raw))
+
+    async def _v2_segment(self, loaded: LoadedModel, parsed: v2.InferRequest) -> tuple[bytes, int | None]:
         wanted = parsed.outputs if parsed.outputs is not None else list(V2_OUTPUTS)
         if unknown := [o for o in wanted if o not in V2_OUTPUTS]:
             raise RequestError(400, f"unknown outputs {unknown}; this model has {list(V2_OUTPUTS)}")
@@ -345,14 +408,7 @@ class SegmentationService:
             outputs = {name: tensors[name]() for name in wanted}
             return v2.encode_response(loaded.resolved.name, loaded.version, parsed, outputs)
 
-        payload, json_length = await run_in_threadpool(respond)
-        if json_length is None:
-            return Response(payload, media_type="application/json")
-        return Response(
-            payload,
-            media_type="application/octet-stream",
-            headers={"Inference-Header-Content-Length": str(json_length)},
-        )
+        return await run_in_threadpool(respond)
 
     def _v2_batch(self, loaded: LoadedModel, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, tuple[int, int]]:
         """The v2 "image" input -> (normalised model batch, (H, W) the outputs come back at)."""

@@ -5,10 +5,17 @@ Shapes: frames_hw3 are the client's uint8 RGB frames at any size; they are resiz
 `input_size` (H, W), and label maps come back at the client's size. Keys (1, Dk, h, w), values (N, Dv, h, w),
 probs (1, N + 1, H, W), with h, w = H/16, W/16 and N the objects of the first mask.
 A Stream holds one video's memory; it is not thread-safe (the caller serialises steps of one stream).
+
+Version: the three graphs only work together (keys and values in a stream's memory come from the encoders of the
+same training as the segment graph reading them), so they are one version: the sha256 over the three graphs'
+sha256s, `version` its first 12 hex digits. The same graphs are also offered as three raw v2 models
+(`<name>-encode_key`, `-encode_value`, `-segment`, the names `endoflow propagate train --register NAME` gives
+them), all carrying that one version, for clients that keep the memory themselves.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +26,7 @@ from PIL import Image
 
 from serving.errors import RequestError
 from serving.onnx_model import Provider, make_session
+from serving.raw_model import RawOnnxModel
 from serving.resolve import ResolvedModel, resolve_model
 
 GRAPHS = ("encode_key", "encode_value", "segment")
@@ -79,6 +87,19 @@ def resolve_graphs(ref: str, cache_dir: str | None = None, tracking_uri: str | N
     return {g: resolve_model(path.parent / files[g]) for g in GRAPHS}
 
 
+def _check_same_export(props: dict[str, dict[str, str]], graphs: dict[str, ResolvedModel]) -> None:
+    """The contract gives the three files identical metadata except `endoflow.graph`. A difference means graphs of
+    two exports, e.g. caught while a registry's three aliases were being moved one after the other: refuse them."""
+    reference = {k: v for k, v in props["segment"].items() if k != "endoflow.graph"}
+    for graph in ("encode_key", "encode_value"):
+        other = {k: v for k, v in props[graph].items() if k != "endoflow.graph"}
+        if differing := sorted(k for k in reference.keys() | other.keys() if reference.get(k) != other.get(k)):
+            raise ValueError(
+                f"{graphs[graph].ref} and {graphs['segment'].ref} are not graphs of one export "
+                f"(metadata {differing} differ); the three graphs must come from the same export"
+            )
+
+
 class OnnxPropagator:
     def __init__(
         self,
@@ -88,10 +109,28 @@ class OnnxPropagator:
     ) -> None:
         self.graphs = graphs
         self.sessions = {g: make_session(graphs[g].path, providers, threads) for g in GRAPHS}
-        props = self.sessions["segment"].get_modelmeta().custom_metadata_map
-        self.metadata = PropagationMetadata.from_props(props, graphs["segment"].path)
+        props = {g: dict(self.sessions[g].get_modelmeta().custom_metadata_map) for g in GRAPHS}
+        _check_same_export(props, graphs)
+        self.metadata = PropagationMetadata.from_props(props["segment"], graphs["segment"].path)
         self.providers = self.sessions["segment"].get_providers()
         self.sha256 = {g: graphs[g].sha256 for g in GRAPHS}
+        self.bundle_sha256 = hashlib.sha256("".join(f"{g}:{self.sha256[g]}\n" for g in GRAPHS).encode()).hexdigest()
+        self.version = self.bundle_sha256[:12]
+        # Registered graphs are named NAME-<graph>; local files <stem>.<graph>.onnx: either way the base name.
+        self.name = graphs["segment"].name.removesuffix("-segment").removesuffix(".segment")
+        self.v2_models = {
+            f"{self.name}-{g}": RawOnnxModel(
+                f"{self.name}-{g}",
+                self.version,
+                self.sessions[g],
+                {"propagation_model": self.name, "graph": g, "sha256": self.sha256[g], "ref": graphs[g].ref},
+            )
+            for g in GRAPHS
+        }
+
+    @property
+    def identity(self) -> dict[str, object]:
+        return {"name": self.name, "sha256": self.bundle_sha256, "version": self.version, "graphs": self.sha256}
 
     def prepare(self, frame_hw3: np.ndarray) -> np.ndarray:
         """uint8 (h, w, 3) at any size -> normalised float32 (1, 3, H, W) at input_size."""

@@ -1,22 +1,27 @@
 """Propagation served over HTTP: clip mode, stream sessions (HTTP and WebSocket), the session store's bound and
-idle expiry, against an untrained network exported by training/propagate/export.py (torch only in this test)."""
+idle expiry, the three graphs as raw v2 models (tritonclient), against an untrained network exported by
+training/propagate/export.py (torch only in this test). The hot reload of moved graphs: test_propagation_reload.py."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
+import re
+import shutil
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
+import onnx
 import pytest
+from onnx import helper, numpy_helper
 from PIL import Image
 from test_serving import save_model, serving, to_bytes
 
 from serving.errors import RequestError
-from serving.propagation import OnnxPropagator, Stream, resolve_graphs
+from serving.propagation import GRAPHS, OnnxPropagator, Stream, resolve_graphs
 from serving.sessions import SessionStore
 
 SIZE = 64
@@ -38,6 +43,21 @@ def graphs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     export_propagation(
         PropagationNet(small).eval(), out, input_size=SIZE, policy=MemoryPolicy(mem_every=2, max_memory=3)
     )
+    return out
+
+
+def retrained(graphs_dir: Path, out: Path, run_id: str, scale: float = 1.25) -> Path:
+    """The three graphs as if exported by another training run: weights scaled, endoflow.source_run_id changed."""
+    out.mkdir(parents=True, exist_ok=True)
+    for graph in GRAPHS:
+        file = f"propagation.{graph}.onnx"
+        model = onnx.load(str(graphs_dir / file))
+        for tensor in model.graph.initializer:
+            if tensor.data_type == onnx.TensorProto.FLOAT and len(tensor.dims) >= 2:  # conv/linear weights only
+                tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * scale, tensor.name))
+        props = {p.key: p.value for p in model.metadata_props}
+        helper.set_model_props(model, props | {"endoflow.source_run_id": run_id})
+        onnx.save_model(model, str(out / file))
     return out
 
 
@@ -78,6 +98,19 @@ def test_stream_matches_the_reference_loop(graphs_dir: Path) -> None:
     assert len(stream.memory) == 3  # key frame + frames 2, 4, 6 capped at max_memory = 3
     with pytest.raises(RequestError, match="must match"):
         Stream(model, frames[0], mask[:32])
+
+
+def test_graphs_of_two_exports_are_refused(graphs_dir: Path, tmp_path: Path) -> None:
+    """What a reload sees while a registry's three aliases move one by one: it must not serve that mix."""
+    mixed = retrained(graphs_dir, tmp_path / "mixed", "run-2")
+    for graph in ("encode_value", "segment"):
+        shutil.copy(graphs_dir / f"propagation.{graph}.onnx", mixed)
+    with pytest.raises(ValueError, match=r"not graphs of one export.*endoflow.source_run_id"):
+        OnnxPropagator(resolve_graphs(str(mixed)))
+    first = OnnxPropagator(resolve_graphs(str(graphs_dir)))
+    second = OnnxPropagator(resolve_graphs(str(retrained(graphs_dir, tmp_path / "next", "run-2"))))
+    assert first.name == second.name == "propagation" and first.version != second.version
+    assert set(first.v2_models) == {"propagation-encode_key", "propagation-encode_value", "propagation-segment"}
 
 
 def test_session_store_bound_and_expiry() -> None:
@@ -174,3 +207,100 @@ def test_propagation_bad_requests(base_url: str) -> None:
         assert http.post("/v1/propagate/clip", content=b"{").status_code == 400
         ok = http.post("/v1/propagate/clip", json={"frames": [frame] * 2, "mask": b64(to_bytes(mask))})
         assert ok.status_code == 200
+
+
+@pytest.mark.slow
+def test_graphs_as_v2_models_run_a_stream_client_side(base_url: str, graphs_dir: Path) -> None:
+    """tritonclient alone runs the contract's loop (key frame, then one frame) on the served graphs, and every
+    tensor matches onnxruntime in-process on the same files; metadata is the graphs' own inputs and outputs."""
+    import tritonclient.http as triton
+
+    client = triton.InferenceServerClient(base_url.removeprefix("http://"))
+    local = OnnxPropagator(resolve_graphs(str(graphs_dir)))
+    version = httpx.get(f"{base_url}/healthz").json()["propagation"]["version"]
+    assert version == local.version
+    for graph in GRAPHS:
+        meta = client.get_model_metadata(f"propagation-{graph}")
+        assert meta["versions"] == [version] and client.is_model_ready(f"propagation-{graph}", version)
+        session = local.sessions[graph]
+        for listed, nodes in ((meta["inputs"], session.get_inputs()), (meta["outputs"], session.get_outputs())):
+            assert [(t["name"], t["datatype"]) for t in listed] == [(n.name, "FP32") for n in nodes]
+            assert [t["shape"] for t in listed] == [[d if isinstance(d, int) else -1 for d in n.shape] for n in nodes]
+
+    def infer(graph: str, tensors: dict[str, np.ndarray], binary: bool) -> dict[str, np.ndarray]:
+        inputs = []
+        for name, array in tensors.items():
+            inputs.append(triton.InferInput(name, list(array.shape), "FP32"))
+            inputs[-1].set_data_from_numpy(array, binary_data=binary)
+        names = [node.name for node in local.sessions[graph].get_outputs()]
+        outputs = [triton.InferRequestedOutput(name, binary_data=binary) for name in names]
+        result = client.infer(f"propagation-{graph}", inputs, model_version=version, outputs=outputs)
+        return {name: result.as_numpy(name) for name in names}
+
+    def same(served: dict[str, np.ndarray], expected: list[np.ndarray]) -> None:
+        assert [a.shape for a in served.values()] == [e.shape for e in expected]
+        for got, want in zip(served.values(), expected, strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+    frames, mask = clip(2)
+    objects = [1, 3]
+    masks = np.stack([mask == o for o in objects])[:, None].astype(np.float32)
+    first, second = local.prepare(frames[0]), local.prepare(frames[1])
+    keyed = infer("encode_key", {"image": first}, binary=False)  # all-JSON request and response
+    same(keyed, local.encode_key(first))
+    value = infer("encode_value", {"image": first, "f16": keyed["f16"], "masks": masks}, binary=True)
+    same(value, [local.encode_value(first, keyed["f16"], masks)])
+    query = infer("encode_key", {"image": second}, binary=True)
+    same(query, local.encode_key(second))
+    memory = {"memory_keys": keyed["key"], "memory_values": value["value"][:, None]}  # T = 1 frame in memory
+    probs = infer("segment", query | memory, binary=True)["probs"]
+    same({"probs": probs}, [local.segment(*query.values(), *memory.values())])
+    labels = np.array([0, *objects], np.uint8)[probs[0].argmax(0)]
+    assert (labels == Stream(local, frames[0], mask).step(frames[1])).mean() > 0.99  # the server-side stream
+
+
+@pytest.mark.slow
+def test_graph_v2_mistakes_are_400_naming_the_input(base_url: str) -> None:
+    import tritonclient.http as triton
+
+    client = triton.InferenceServerClient(base_url.removeprefix("http://"))
+    image = np.zeros((1, 3, SIZE, SIZE), np.float32)
+    for name, array, datatype, words in [
+        ("img", image, "FP32", "missing ['image'], unknown ['img']"),
+        ("image", image.astype(np.float64), "FP64", "input 'image' must be FP32, got FP64"),
+    ]:
+        tensor = triton.InferInput(name, list(array.shape), datatype)
+        tensor.set_data_from_numpy(array)
+        with pytest.raises(triton.InferenceServerException, match=re.escape(words)) as info:
+            client.infer("propagation-encode_key", [tensor])
+        assert info.value.status() == "400"
+
+    def spec(name: str, shape: list[int]) -> dict:
+        return {"name": name, "shape": shape, "datatype": "FP32", "data": [0.0] * int(np.prod(shape))}
+
+    s = SIZE // 16
+    cases = [
+        ("encode_key", [spec("image", [3, SIZE, SIZE])], None, "rank 4"),
+        ("encode_key", [spec("image", [1, 3, 40, SIZE])], None, "'16*h16'"),  # not a multiple of the key stride
+        ("encode_key", [spec("image", [1, 4, SIZE, SIZE])], None, "(axis 1)"),
+        ("encode_key", [spec("image", [1, 3, SIZE, SIZE])], [{"name": "labels"}], "unknown outputs ['labels']"),
+        (  # each input fine alone, but f16 is not the image's size / 16: only onnxruntime finds out
+            "encode_value",
+            [spec("image", [1, 3, SIZE, SIZE]), spec("f16", [1, 24, s - 1, s]), spec("masks", [1, 1, SIZE, SIZE])],
+            None,
+            "do not fit",
+        ),
+    ]
+    with httpx.Client(base_url=base_url, timeout=60) as http:
+        for graph, inputs, outputs, words in cases:
+            doc = {"inputs": inputs} | ({"outputs": outputs} if outputs else {})
+            answer = http.post(f"/v2/models/propagation-{graph}/infer", content=json.dumps(doc))
+            assert answer.status_code == 400 and words in answer.json()["error"], (words, answer.text)
+        old = http.post("/v2/models/propagation-segment/versions/000000000000/infer", content=b"{}")
+        assert old.status_code == 404 and "no version" in old.json()["error"]
+        absent = http.get("/v2/models/propagation-decode")
+        assert absent.status_code == 404 and "propagation-segment" in absent.json()["error"]
+        colours = http.get("/v2/models/colours").json()  # the segmentation model's v2 face is unchanged
+        assert [t["name"] for t in colours["inputs"]] == ["image"] and len(colours["outputs"]) == 3
+        ok = http.post("/v2/models/propagation-encode_key/infer", content=json.dumps({"inputs": cases[3][1]}))
+        assert ok.status_code == 200 and [o["name"] for o in ok.json()["outputs"]] == ["key", "f16", "f8", "f4"]

@@ -1,8 +1,10 @@
-"""Open Inference Protocol v2 codec (serving/v2.py) and RLE (serving/rle.py): pure numpy, no server."""
+"""Open Inference Protocol v2 codec (serving/v2.py), a raw ONNX graph as a v2 model (serving/raw_model.py) and RLE
+(serving/rle.py): no server."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from hypothesis.extra import numpy as hnp
 
 from serving import rle, v2
 from serving.errors import RequestError
+from serving.raw_model import RawOnnxModel
 
 MAX = 10_000
 
@@ -137,6 +140,65 @@ def test_fuzz_garbage_is_a_4xx_never_a_crash(body: bytes, length: str | None) ->
         v2.parse_request(body, length, MAX)
     except RequestError as err:
         assert 400 <= err.status < 500 and err.message
+
+
+def raw_graph(extra_input: bool = False) -> bytes:
+    """doubled = 2 * x (FP32 [N, '4*k']), same = ids (INT64 [2]); optionally an input v2 has no datatype for."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inputs = [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "4*k"]),
+        helper.make_tensor_value_info("ids", TensorProto.INT64, [2]),
+    ]
+    if extra_input:
+        inputs.append(helper.make_tensor_value_info("names", TensorProto.STRING, [1]))
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "two"], ["doubled"]), helper.make_node("Identity", ["ids"], ["same"])],
+        "raw",
+        inputs,
+        [
+            helper.make_tensor_value_info("doubled", TensorProto.FLOAT, ["N", "4*k"]),
+            helper.make_tensor_value_info("same", TensorProto.INT64, [2]),
+        ],
+        [numpy_helper.from_array(np.array(2, np.float32), "two")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def test_raw_model_metadata_infer_and_mistakes() -> None:
+    import onnxruntime as ort
+
+    model = RawOnnxModel("raw", "abc", ort.InferenceSession(raw_graph()), {"graph": "raw"})
+    meta = model.metadata()
+    assert meta["name"] == "raw" and meta["versions"] == ["abc"] and meta["parameters"] == {"graph": "raw"}
+    assert meta["inputs"] == [
+        {"name": "x", "datatype": "FP32", "shape": [-1, -1]},
+        {"name": "ids", "datatype": "INT64", "shape": [2]},
+    ]
+    assert [(o["name"], o["datatype"]) for o in meta["outputs"]] == [("doubled", "FP32"), ("same", "INT64")]
+
+    x, ids = np.arange(8, dtype=np.float32).reshape(1, 8), np.array([3, 4], np.int64)
+    out = model.infer({"x": x, "ids": ids}, None)
+    assert np.array_equal(out["doubled"], 2 * x) and np.array_equal(out["same"], ids)
+    assert list(model.infer({"x": x, "ids": ids}, ["same"])) == ["same"]
+
+    mistakes = [
+        ({"x": x}, None, "missing ['ids']"),
+        ({"x": x, "ids": ids, "y": x}, None, "unknown ['y']"),
+        ({"x": x.astype(np.float64), "ids": ids}, None, "'x' must be FP32, got FP64"),
+        ({"x": x[0], "ids": ids}, None, "rank 2"),
+        ({"x": x[:, :6], "ids": ids}, None, "'4*k'"),  # 6 is not a multiple of 4
+        ({"x": x, "ids": np.arange(3)}, None, "(axis 0)"),
+        ({"x": x, "ids": ids}, ["tripled"], "unknown outputs ['tripled']"),
+    ]
+    for inputs, wanted, words in mistakes:
+        with pytest.raises(RequestError, match=re.escape(words)) as info:
+            model.infer(inputs, wanted)
+        assert info.value.status == 400 and info.value.message.startswith("raw: ")
+    with pytest.raises(ValueError, match="'names' is tensor\\(string\\)"):
+        RawOnnxModel("raw", "abc", ort.InferenceSession(raw_graph(extra_input=True)))
 
 
 @settings(max_examples=100, deadline=None)
