@@ -158,6 +158,7 @@ def serve(
     haproxy: Annotated[
         bool, typer.Option(help="Ray Serve's HAProxy ingress (measured faster: runs/bench/serve.json); local Ray only")
     ] = True,
+    access_log: Annotated[bool, typer.Option(help="Serve's per-request access log (/metrics counts anyway)")] = False,
 ) -> None:
     """Serve a segmentation model over HTTP in the foreground; Ctrl-C stops cleanly."""
     import os
@@ -192,6 +193,7 @@ def serve(
             batch_wait_timeout_s=batch_wait_ms / 1000,
             reload_interval_s=reload_interval,
             api_token=api_token or "",
+            access_log=access_log,
             **scaling,
         )
         console.print(
