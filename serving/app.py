@@ -25,7 +25,10 @@ Propagation (when the replica has a propagation model; images travel as base64 P
   POST   /v1/propagate/sessions/{id}/frames   body = the next frame's PNG/JPEG -> PNG label map
   DELETE /v1/propagate/sessions/{id}
   WS     /v1/propagate/stream            first a text {"frame", "mask"}, then binary frames -> binary PNG masks
-  Send `serve_multiplexed_model_id: <id>` with a session's requests: Serve routes it to the replica holding it.
+  A session's requests may reach any replica (no affinity is needed, behind HAProxy or Ray's proxy): its stream
+  lives in the session host (a Ray actor, serving/session_host.py) of the replica that opened it, and the id names
+  that host, so whichever replica receives a request forwards it there. 404: no such session (closed, expired);
+  410: the replica that opened it stopped, and the stream's memory with it.
 Operations: GET /metrics (Prometheus), /openapi.json, /docs.
 
 Every client mistake is a 4xx with JSON {"error": "..."}; the replica keeps serving. The model is resolved, its
@@ -40,6 +43,7 @@ batcher (`@serve.batch`) in front of onnxruntime.
 # signatures and leaves string annotations unresolved (`request: Request` then fails every call with 422).
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import threading
@@ -71,7 +75,7 @@ from serving.onnx_model import OnnxSegmenter, Provider, choose_providers, entrop
 from serving.propagation import OnnxPropagator, Stream, resolve_graphs
 from serving.raw_model import RawOnnxModel
 from serving.resolve import ResolvedModel, resolve_model
-from serving.sessions import SessionStore
+from serving.session_host import HostDirectory, HostGone, call_sync, invoke, start_host
 
 APP_NAME = "segmentation"
 log = logging.getLogger("ray.serve")
@@ -188,13 +192,23 @@ class SegmentationService:
         self._logits_batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batching = {"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s}
         self.propagation_ref, self.propagator = propagation_model, None
+        self.session_idle_timeout_s, self.host_name, self.host = session_idle_timeout_s, None, None
+        self.hosts = HostDirectory()  # session id -> the host holding it, on any replica
+        self.host_lock = threading.Lock()  # one replacement at a time if the local host died
         if propagation_model:
             graphs = resolve_graphs(propagation_model, cache_dir, tracking_uri)
             self.propagator = OnnxPropagator(graphs, self.providers, threads)
-        self.sessions = SessionStore(self.limits.max_sessions, session_idle_timeout_s)
+            self._start_host(graphs)
         self.page = resources.files("serving").joinpath("web/index.html").read_text(encoding="utf-8")
         if reload_interval_s > 0:
             threading.Thread(target=self._reload_loop, args=(reload_interval_s,), daemon=True).start()
+
+    def _start_host(self, graphs: dict[str, ResolvedModel]) -> None:
+        """This replica's session host, where the streams it opens live (serving/session_host.py)."""
+        max_sessions, idle_s = self.limits.max_sessions, self.session_idle_timeout_s
+        name, handle = start_host(graphs, self.providers, self.threads, max_sessions, idle_s)
+        self.hosts.remember(name, handle)
+        self.host_name, self.host = name, handle
 
     def _load(self, resolved: ResolvedModel) -> LoadedModel:
         model = OnnxSegmenter(resolved.path, self.providers, self.threads)
@@ -218,7 +232,8 @@ class SegmentationService:
         """Swap in the propagation graphs `ref` now names, if any of the three changed.
 
         The swap is one attribute store, so a request (REST or v2) sees the old three graphs or the new three, never
-        a mix. Open streams keep the propagator they were opened with (Stream.model), deliberately: their memory
+        a mix; the session host swaps first, so once /healthz names the new version new streams start on it too.
+        Open streams keep the propagator they were opened with (Stream.model), deliberately: their memory
         holds keys and values from the old encoders, which the new segment graph cannot read, so they finish on the
         old graphs (freed with the last such stream) and only streams opened afterwards use the new ones. Closing
         them would cut every live video at each alias move for no gain in correctness. v2 clients keep their memory
@@ -229,7 +244,16 @@ class SegmentationService:
             graphs = resolve_graphs(ref, self.cache_dir, self.tracking_uri)
             current = self.propagator
             if current is None or {g: r.sha256 for g, r in graphs.items()} != current.sha256:
-                self.propagator = OnnxPropagator(graphs, self.providers, self.threads)
+                propagator = OnnxPropagator(graphs, self.providers, self.threads)  # refuses a mixed set
+                if self.host is not None:
+                    try:
+                        call_sync(self.host, "swap", graphs)
+                    except HostGone:
+                        log.warning("the session host died; starting a new one on the moved graphs")
+                        with self.host_lock:
+                            self.hosts.forget(self.host_name)
+                            self._start_host(graphs)
+                self.propagator = propagator
                 self.metrics.reloads.inc()
                 log.warning("propagation model %s moved: now serving version %s", ref, self.propagator.version)
         except Exception as err:  # as above: keep serving what works
@@ -259,7 +283,12 @@ class SegmentationService:
         return health
 
     @api.get("/metrics", include_in_schema=False)
-    def metrics_text(self) -> Response:
+    async def metrics_text(self) -> Response:
+        if self.host is not None:  # the sessions this replica's host holds (opened here, served from anywhere)
+            try:
+                self.metrics.sessions.set(await invoke(self.host, "count"))
+            except HostGone:
+                self.metrics.sessions.set(0)
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
     @api.get("/v1/model")
@@ -457,13 +486,35 @@ class SegmentationService:
             raise RequestError(404, "this server has no propagation model (start it with propagation_model=...)")
         return self.propagator
 
-    def _open_stream(self, doc: Any) -> Stream:
-        """{"frame": base64 image, "mask": base64 label PNG} -> a Stream (CPU-bound: run it in a thread)."""
-        model = self._propagator()
+    def _decode_opening(self, doc: Any) -> tuple[np.ndarray, np.ndarray]:
+        """{"frame": base64 image, "mask": base64 label PNG} -> (frame, mask) arrays (CPU-bound: run in a thread)."""
+        self._propagator()
         if not isinstance(doc, dict) or not isinstance(doc.get("frame"), str) or not isinstance(doc.get("mask"), str):
             raise RequestError(400, 'expected a JSON object {"frame": base64 PNG/JPEG, "mask": base64 label PNG}')
         frame = decode_image(_b64(doc["frame"], "frame"), max_side=self.limits.max_side)
-        return Stream(model, frame, decode_mask(_b64(doc["mask"], "mask"), max_side=self.limits.max_side))
+        return frame, decode_mask(_b64(doc["mask"], "mask"), max_side=self.limits.max_side)
+
+    def _open_stream(self, doc: Any) -> Stream:
+        """A Stream in this replica (clip mode: stateless, one request)."""
+        model = self._propagator()
+        return Stream(model, *self._decode_opening(doc))
+
+    async def _open_session(self, frame: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
+        """Open a stream in this replica's session host; a host that died (crash, OOM) is replaced once."""
+        host = self.host
+        try:
+            return await invoke(host, "open", frame, mask)
+        except HostGone:
+            log.warning("session host %s died (its sessions are lost); starting a new one", self.host_name)
+
+        def replace() -> None:
+            with self.host_lock:
+                if self.host is host:  # not already replaced by a concurrent request
+                    self.hosts.forget(self.host_name)
+                    self._start_host(self._propagator().graphs)
+
+        await run_in_threadpool(replace)
+        return await invoke(self.host, "open", frame, mask)
 
     async def _json_body(self, request: Request) -> Any:
         body = await read_body(request, self.limits.max_body_bytes)
@@ -471,11 +522,6 @@ class SegmentationService:
             return json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise RequestError(400, f"body is not valid JSON: {err}") from err
-
-    @serve.multiplexed(max_num_models_per_replica=256)  # >= any sane max_sessions; the store enforces the bound
-    async def _route_session(self, session_id: str) -> str:
-        """Multiplexing as session affinity: 'loading' an id makes Serve route requests carrying it here."""
-        return session_id
 
     @api.post("/v1/propagate/clip")
     async def propagate_clip(self, request: Request) -> dict[str, Any]:
@@ -498,37 +544,28 @@ class SegmentationService:
 
     @api.post("/v1/propagate/sessions", status_code=201)
     async def open_session(self, request: Request) -> dict[str, Any]:
-        stream = await run_in_threadpool(self._open_stream, await self._json_body(request))
-        session = self.sessions.add(stream)
-        await self._route_session(session.id)
-        self.metrics.sessions.set(len(self.sessions))
-        return {
-            "session": session.id,
-            "objects": stream.objects,
-            "idle_timeout_s": self.sessions.idle_timeout_s,
-            "headers": {"serve_multiplexed_model_id": session.id},  # send these with the session's requests
-        }
+        frame, mask = await run_in_threadpool(self._decode_opening, await self._json_body(request))
+        opened = await self._open_session(frame, mask)
+        # "headers": nothing to send any more (any replica serves any session); kept for clients that send them.
+        return opened | {"headers": {}}
 
     @api.post("/v1/propagate/sessions/{session_id}/frames")
     async def session_frame(self, session_id: str, request: Request) -> Response:
-        session = self.sessions.get(session_id)
-        await self._route_session(session_id)  # keeps the route fresh in the multiplexing LRU
+        self.hosts.host_name(session_id)  # a malformed id is a 404 before reading the body
         body = await read_image_body(request, self.limits.max_body_bytes)
-        async with session.lock:  # frames of one stream must be processed in order
-            labels = await run_in_threadpool(
-                lambda: session.stream.step(decode_image(body, max_side=self.limits.max_side))
-            )
+        frame = await run_in_threadpool(decode_image, body, max_side=self.limits.max_side)
+        labels = await self.hosts.call(session_id, "step", frame)  # in order, in the session's host
         return Response(await run_in_threadpool(encode_png, labels), media_type="image/png")
 
     @api.delete("/v1/propagate/sessions/{session_id}")
-    def close_session(self, session_id: str) -> dict[str, str]:
-        self.sessions.close(session_id)
-        self.metrics.sessions.set(len(self.sessions))
+    async def close_session(self, session_id: str) -> dict[str, str]:
+        await self.hosts.call(session_id, "close")
         return {"closed": session_id}
 
     @api.websocket("/v1/propagate/stream")
     async def stream_socket(self, socket: WebSocket) -> None:
-        """A stream over one WebSocket (pinned to this replica): its session closes with the socket."""
+        """A stream over one WebSocket (pinned to this replica), in this replica's session host like any session,
+        so it counts against the same bound; it closes with the socket, or ends when idle-expired."""
         if _Replica.token is not None:  # the HTTP middleware does not see WebSockets
             try:
                 auth.check(_Replica.token, "/v1/propagate/stream", socket.headers.get("authorization"))
@@ -536,32 +573,35 @@ class SegmentationService:
                 await socket.close(code=1008, reason=err.message)
                 return
         await socket.accept()
-        session = None
+        session_id = None
         try:
             try:
                 opening = json.loads(await socket.receive_text())
-                session = self.sessions.add(await run_in_threadpool(self._open_stream, opening))
+                opened = await self._open_session(*await run_in_threadpool(self._decode_opening, opening))
             except (RequestError, json.JSONDecodeError) as err:
                 await socket.send_json({"error": getattr(err, "message", f"first message is not JSON: {err}")})
                 await socket.close(code=1003)
                 return
-            self.metrics.sessions.set(len(self.sessions))
-            await socket.send_json({"session": session.id, "objects": session.stream.objects})
+            session_id = opened["session"]
+            await socket.send_json({"session": session_id, "objects": opened["objects"]})
             while True:
                 frame = await socket.receive_bytes()
                 try:
                     image = await run_in_threadpool(decode_image, frame, max_side=self.limits.max_side)
-                    labels = await run_in_threadpool(session.stream.step, image)
-                    session.last_used = self.sessions.clock()
+                    labels = await self.hosts.call(session_id, "step", image)
                     await socket.send_bytes(await run_in_threadpool(encode_png, labels))
                 except RequestError as err:
                     await socket.send_json({"error": err.message})
+                    if err.status in (404, 410):  # the session itself ended (idle-expired, host gone)
+                        session_id = None
+                        await socket.close(code=1000, reason="session ended")
+                        return
         except WebSocketDisconnect:
             pass
         finally:
-            if session is not None:
-                self.sessions.sessions.pop(session.id, None)
-                self.metrics.sessions.set(len(self.sessions))
+            if session_id is not None:
+                with contextlib.suppress(RequestError):
+                    await self.hosts.call(session_id, "close")
 
     def _check_sides(self, size: tuple[int, ...]) -> None:
         if max(size) > self.limits.max_side:

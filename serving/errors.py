@@ -12,3 +12,6 @@ class RequestError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+    def __reduce__(self) -> tuple[type, tuple[int, str]]:  # raised in a session host, re-raised by the replica
+        return (RequestError, (self.status, self.message))
