@@ -1,6 +1,6 @@
 """Serving benchmark: the same segmenter, the same machine, one run, four ways of answering a request.
 
-  (a) bare      onnxruntime in this process: normalised FP32 [1, 3, S, S] -> session.run -> argmax
+  (a) bare      onnxruntime in this process: normalised FP32 [1, 3, S, S] -> session.run -> the service's argmax
   (b) v2        this service, Open Inference Protocol v2, binary FP32 in -> binary UINT8 labels out
   (c) rest      this service, POST PNG -> PNG label map
   (d) naive     FastAPI + torch eager (pipelines/naive_torch_server.py), POST PNG -> PNG label map
@@ -8,7 +8,8 @@
 (RAY_SERVE_ENABLE_HA_PROXY=1, Ray >= 2.55), each in a fresh subprocess because the flag is read when Serve starts.
 Every mode is measured at each concurrency for `seconds` by closed-loop client threads with keep-alive
 connections (http.client: the cheapest Python client, so the client adds as little as possible to every mode).
-The model is an untrained default (`lite`) segmenter: latency does not depend on the weights.
+The overhead target is also measured paired (bare and v2 in alternating rounds while the service is up; see
+paired_overhead). The model is an untrained default (`lite`) segmenter: latency does not depend on the weights.
 """
 
 from __future__ import annotations
@@ -188,16 +189,32 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 def bench_bare(model_path: Path, threads: int, levels: list[int], seconds: float) -> list[dict]:
-    from serving.onnx_model import OnnxSegmenter
+    from serving.onnx_model import OnnxSegmenter, labels_from_logits
 
     model = OnnxSegmenter(model_path, intra_op_threads=threads)
     batch = model.preprocess(test_image(model.input_size[0])[None])
 
     def send(_: Any) -> int:
-        model.logits(batch).argmax(axis=1).astype(np.uint8)
+        labels_from_logits(model.logits(batch), batch.shape[2:])  # the service's own post-processing
         return 200
 
     return [closed_loop(lambda: None, send, c, seconds) for c in levels]
+
+
+def paired_overhead(send_bare: Send, make_state: Callable[[], Any], send: Send, rounds: int = 8) -> dict:
+    """Bare onnxruntime and the v2 service at concurrency 1 in alternating one-second rounds, in one process while
+    the service is up: both see the same background load, so their p50 difference is the service's overhead (the
+    sequential cells above drift by a few ms between runs on a shared 2-core box)."""
+    bare, served = [], []
+    for _ in range(rounds):
+        bare.append(closed_loop(lambda: None, send_bare, 1, 1.0)["p50_ms"])
+        served.append(closed_loop(make_state, send, 1, 1.0)["p50_ms"])
+    return {
+        "rounds": rounds,
+        "bare_p50_ms": round(float(np.median(bare)), 3),
+        "v2_p50_ms": round(float(np.median(served)), 3),
+        "overhead_p50_ms": round(float(np.median(np.subtract(served, bare))), 3),
+    }
 
 
 def bench_service(
@@ -206,9 +223,9 @@ def bench_service(
     """Runs in its own process (see main): Serve's ingress is chosen by env vars read when Serve starts."""
     from pipelines.local_ray import local_ray
     from serving.app import run_app
-    from serving.onnx_model import OnnxSegmenter
+    from serving.onnx_model import OnnxSegmenter, labels_from_logits
 
-    model = OnnxSegmenter(model_path)
+    model = OnnxSegmenter(model_path, intra_op_threads=threads)
     size = model.input_size[0]
     batch = model.preprocess(test_image(size)[None])
     port = _free_port()
@@ -226,6 +243,12 @@ def bench_service(
         body, headers = v2_body(batch)
         make_state, send = http_sender(port, f"/v2/models/{name}/infer", body, headers)
         results["v2"] = [closed_loop(make_state, send, c, seconds) for c in levels]
+
+        def send_bare(_: Any) -> int:
+            labels_from_logits(model.logits(batch), batch.shape[2:])
+            return 200
+
+        results["paired"] = paired_overhead(send_bare, make_state, send)
         make_state, send = http_sender(port, "/v1/segment", png_bytes(test_image(size)), {"Content-Type": "image/png"})
         results["rest"] = [closed_loop(make_state, send, c, seconds) for c in levels]
         if propagation:
@@ -286,6 +309,7 @@ def bench_serve(
         service = json.loads(result_file.read_text())
         report[f"b_v2_binary_{ingress}"] = service["v2"]
         report[f"c_rest_png_{ingress}"] = service["rest"]
+        report[f"paired_bare_vs_v2_at_1_{ingress}"] = service["paired"]
         if "streams" in service:
             report["propagation_streams_websocket"] = service["streams"]
     log("(d) naive FastAPI + torch eager")
@@ -305,6 +329,7 @@ def _summary(report: dict[str, Any], ingresses: tuple[str, ...]) -> dict[str, An
         b8, d8 = at(f"b_v2_binary_{ingress}", 8), at("d_naive_torch", 8)
         summary[ingress] = {
             "v2_overhead_p50_ms_at_1": round(b1["p50_ms"] - a1["p50_ms"], 3),
+            "v2_overhead_p50_ms_at_1_paired": report[f"paired_bare_vs_v2_at_1_{ingress}"]["overhead_p50_ms"],
             "v2_vs_naive_throughput_at_8": round(b8["throughput_rps"] / max(d8["throughput_rps"], 1e-9), 2),
         }
     summary["errors"] = sum(r.get("errors", 0) for v in report.values() if isinstance(v, list) for r in v)

@@ -26,7 +26,7 @@ from PIL import Image
 
 from serving.codec import decode_image, encode_png, make_palette, overlay
 from serving.errors import RequestError
-from serving.onnx_model import OnnxSegmenter
+from serving.onnx_model import OnnxSegmenter, argmax_classes
 from serving.resolve import model_sha256, resolve_model
 
 CLASS_NAMES = ["void", "red", "green", "blue", "white", "black", "yellow"]
@@ -205,6 +205,17 @@ def test_predicts_known_labels_at_original_size(model_path: Path) -> None:
     assert logits.shape == (1, 7, 32, 64) and logits.dtype == np.float32
     with pytest.raises(ValueError, match="multiples of 32"):
         model.logits(np.zeros((1, 3, 40, 64), dtype=np.float32))
+
+
+def test_argmax_classes_matches_numpy_including_ties() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 7, 16, 24)).astype(np.float32)
+    logits[:, 4] = logits[:, 2]  # exact ties: the first class wins, as with argmax
+    logits[0, :, 0, 0] = 1.0  # all equal -> class 0
+    expected = logits.argmax(axis=1)
+    got = argmax_classes(logits)
+    assert got.dtype == np.uint8 and got.shape == (2, 16, 24)
+    assert np.array_equal(got, expected) and got[0, 0, 0] == 0 and (got != 4).all()
 
 
 def test_unavailable_provider_raises(model_path: Path) -> None:
