@@ -204,7 +204,7 @@ def bench_bare(model_path: Path, threads: int, levels: list[int], seconds: float
 def paired_overhead(send_bare: Send, make_state: Callable[[], Any], send: Send, rounds: int = 8) -> dict:
     """Bare onnxruntime and the v2 service at concurrency 1 in alternating one-second rounds, in one process while
     the service is up: both see the same background load, so their p50 difference is the service's overhead (the
-    sequential cells above drift by a few ms between runs on a shared 2-core box)."""
+    sequential cells drift by a few ms between runs on a shared 2-core box)."""
     bare, served = [], []
     for _ in range(rounds):
         bare.append(closed_loop(lambda: None, send_bare, 1, 1.0)["p50_ms"])

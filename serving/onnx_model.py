@@ -185,7 +185,7 @@ class OnnxSegmenter:
 def argmax_classes(logits_nchw: np.ndarray) -> np.ndarray:
     """float32 [N, C, h, w] -> uint8 [N, h, w] index of the largest logit (the first one on ties, as argmax).
 
-    About 2.5× faster than `argmax(axis=1)` here, which walks the strided class axis pixel by pixel: one vectorised max
+    About 2.6× faster than `argmax(axis=1)` here, which walks the strided class axis pixel by pixel: one vectorised max
     over classes, then each class, from the last down, claims the pixels where it reaches that max."""
     best = logits_nchw.max(axis=1)
     labels = np.full(best.shape, logits_nchw.shape[1] - 1, np.uint8)
