@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(VENV)/bin/endoflow demo
 
 test: $(STAMP) sysdeps
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 # Debian packages some tests drive (headless Chromium for the web page). Installed when missing and we are root;
 # otherwise those tests skip and say why.
@@ -114,5 +114,16 @@ mlflow: $(STAMP)
 	$(PY) -m pipelines.mlflow_stack
 
 # Builds the serving image with buildah (and its debootstrap base if missing), serves from it, queries it.
-image-test: $(STAMP)
+# Installs Debian's buildah and debootstrap first when they are missing and we are root.
+image-test: $(STAMP) image-tools
 	bash docker/image-test.sh
+
+.PHONY: image-tools
+image-tools:
+	@missing=$$(for tool in buildah debootstrap; do command -v $$tool >/dev/null 2>&1 || printf '%s ' $$tool; done); \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing $$missing (Debian) for the image test"; \
+		apt-get install -y -qq $$missing >/dev/null 2>&1 || \
+			(apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq $$missing >/dev/null 2>&1) || \
+			{ echo "image-tools: could not install $$missing" >&2; exit 1; }; \
+	fi

@@ -4,12 +4,16 @@
   (b) v2        this service, Open Inference Protocol v2, binary FP32 in -> binary UINT8 labels out
   (c) rest      this service, POST PNG -> PNG label map
   (d) naive     FastAPI + torch eager (pipelines/naive_torch_server.py), POST PNG -> PNG label map
-(b) and (c) run once per ingress: Ray Serve's default Python proxy and its HAProxy ingress
-(RAY_SERVE_ENABLE_HA_PROXY=1, Ray >= 2.55), each in a fresh subprocess because the flag is read when Serve starts.
+(b) and (c) run once per ingress (INGRESS_ENV): Ray Serve's default Python proxy, its HAProxy ingress
+(RAY_SERVE_ENABLE_HA_PROXY=1, Ray >= 2.55), and HAProxy with the replica's user code on Serve's own event loop
+instead of a second thread (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0), each in a fresh subprocess because
+the flags are read when Serve starts.
 Every mode is measured at each concurrency for `seconds` by closed-loop client threads with keep-alive
 connections (http.client: the cheapest Python client, so the client adds as little as possible to every mode).
-The overhead target is also measured paired (bare and v2 in alternating rounds while the service is up; see
-paired_overhead). The model is an untrained default (`lite`) segmenter: latency does not depend on the weights.
+The overhead target is also measured paired (bare, v2 and an echo deployment in alternating rounds while the
+service is up; see paired_overhead): the echo answers the same request with bytes of the same size and does no
+work, so it is the floor that Serve's HTTP path and the ingress cost on this machine before any code of ours runs.
+The model is an untrained default (`lite`) segmenter: latency does not depend on the weights.
 """
 
 from __future__ import annotations
@@ -32,6 +36,12 @@ from typing import Any
 import numpy as np
 
 Send = Callable[[Any], int]  # (per-thread state) -> HTTP status (200 = ok)
+# Environment of the service process per ingress variant; Serve reads these when it starts.
+INGRESS_ENV: dict[str, dict[str, str]] = {
+    "default": {},
+    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
+    "haproxy_same_loop": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"},
+}
 
 
 def prepare(workdir: Path, input_size: int) -> tuple[Path, Path]:
@@ -201,20 +211,45 @@ def bench_bare(model_path: Path, threads: int, levels: list[int], seconds: float
     return [closed_loop(lambda: None, send, c, seconds) for c in levels]
 
 
-def paired_overhead(send_bare: Send, make_state: Callable[[], Any], send: Send, rounds: int = 8) -> dict:
-    """Bare onnxruntime and the v2 service at concurrency 1 in alternating one-second rounds, in one process while
-    the service is up: both see the same background load, so their p50 difference is the service's overhead (the
-    sequential cells drift by a few ms between runs on a shared 2-core box)."""
-    bare, served = [], []
+def paired_overhead(
+    send_bare: Send, make_state: Callable[[], Any], send: Send, send_echo: Send, rounds: int = 8
+) -> dict:
+    """Bare onnxruntime, the v2 service and the echo floor at concurrency 1 in alternating one-second rounds, in one
+    process while the service is up: all three see the same background load, so the p50 difference v2 - bare is the
+    service's overhead and v2 - bare - echo what is left of it above Serve's own HTTP path (the sequential cells
+    drift by a few ms between runs on a shared 2-core box)."""
+    bare, served, echo = [], [], []
     for _ in range(rounds):
         bare.append(closed_loop(lambda: None, send_bare, 1, 1.0)["p50_ms"])
         served.append(closed_loop(make_state, send, 1, 1.0)["p50_ms"])
+        echo.append(closed_loop(make_state, send_echo, 1, 1.0)["p50_ms"])
+    overhead = np.subtract(served, bare)
     return {
         "rounds": rounds,
         "bare_p50_ms": round(float(np.median(bare)), 3),
         "v2_p50_ms": round(float(np.median(served)), 3),
-        "overhead_p50_ms": round(float(np.median(np.subtract(served, bare))), 3),
+        "echo_p50_ms": round(float(np.median(echo)), 3),
+        "overhead_p50_ms": round(float(np.median(overhead)), 3),
+        "overhead_above_echo_p50_ms": round(float(np.median(overhead - np.array(echo))), 3),
     }
+
+
+def deploy_echo(reply_bytes: int) -> str:
+    """A deployment that reads the request body and answers `reply_bytes` bytes: Serve's HTTP floor. -> its route."""
+    from ray import serve
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+    reply = b"\0" * reply_bytes
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class Echo:
+        async def __call__(self, request: Request) -> Response:
+            await request.body()
+            return Response(reply, media_type="application/octet-stream")
+
+    serve.run(Echo.bind(), name="echo", route_prefix="/echo")
+    return "/echo"
 
 
 def bench_service(
@@ -248,7 +283,11 @@ def bench_service(
             labels_from_logits(model.logits(batch), batch.shape[2:])
             return 200
 
-        results["paired"] = paired_overhead(send_bare, make_state, send)
+        # The echo answers as many bytes as the v2 labels answer: the same traffic both ways.
+        probe = make_state()
+        probe.request("POST", f"/v2/models/{name}/infer", body=body, headers=headers)
+        _, send_echo = http_sender(port, deploy_echo(len(probe.getresponse().read())), body, headers)
+        results["paired"] = paired_overhead(send_bare, make_state, send, send_echo)
         make_state, send = http_sender(port, "/v1/segment", png_bytes(test_image(size)), {"Content-Type": "image/png"})
         results["rest"] = [closed_loop(make_state, send, c, seconds) for c in levels]
         if propagation:
@@ -281,7 +320,7 @@ def bench_serve(
     threads: int = 2,
     levels: tuple[int, ...] = (1, 8, 32),
     input_size: int = 256,
-    ingresses: tuple[str, ...] = ("default", "haproxy"),
+    ingresses: tuple[str, ...] = tuple(INGRESS_ENV),
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -301,7 +340,7 @@ def bench_serve(
     for ingress in ingresses:
         log(f"(b, c) service, {ingress} ingress")
         result_file = workdir / f"service_{ingress}.json"
-        env = os.environ | ({"RAY_SERVE_ENABLE_HA_PROXY": "1"} if ingress == "haproxy" else {})
+        env = os.environ | INGRESS_ENV[ingress]
         args = ["service", str(model_path), ingress, str(threads), ",".join(map(str, levels)), str(seconds)]
         # Streams once, on the default ingress: the WebSocket path does not depend on the ingress choice here.
         args += [str(result_file), str(propagation) if ingress == ingresses[0] else ""]
@@ -330,6 +369,10 @@ def _summary(report: dict[str, Any], ingresses: tuple[str, ...]) -> dict[str, An
         summary[ingress] = {
             "v2_overhead_p50_ms_at_1": round(b1["p50_ms"] - a1["p50_ms"], 3),
             "v2_overhead_p50_ms_at_1_paired": report[f"paired_bare_vs_v2_at_1_{ingress}"]["overhead_p50_ms"],
+            "echo_floor_p50_ms_at_1_paired": report[f"paired_bare_vs_v2_at_1_{ingress}"]["echo_p50_ms"],
+            "v2_overhead_above_echo_p50_ms_at_1_paired": report[f"paired_bare_vs_v2_at_1_{ingress}"][
+                "overhead_above_echo_p50_ms"
+            ],
             "v2_vs_naive_throughput_at_8": round(b8["throughput_rps"] / max(d8["throughput_rps"], 1e-9), 2),
         }
     summary["errors"] = sum(r.get("errors", 0) for v in report.values() if isinstance(v, list) for r in v)

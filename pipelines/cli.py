@@ -234,7 +234,7 @@ def bench_serve_command(
     seconds: Annotated[float, typer.Option(help="measured seconds per mode and concurrency")] = 4.0,
     threads: Annotated[int, typer.Option(help="inference threads of every server")] = 2,
 ) -> None:
-    """Serving latency/throughput: bare onnxruntime vs this service (v2, REST; both ingresses) vs naive torch."""
+    """Serving latency/throughput: bare onnxruntime vs this service (v2, REST; each ingress variant) vs naive torch."""
     import json
 
     from pipelines.bench_serve import bench_serve
