@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipelines.local_ray import exit_on_sigterm
+
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 # Never uploaded with the working dir: environments, outputs, caches, models, tests.
@@ -109,16 +111,21 @@ class LocalCluster:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def __enter__(self) -> LocalCluster:
+        self._restore_sigterm = exit_on_sigterm()  # a killed `make train-cluster` still stops its nodes
         try:
             for spec in self.specs:
                 self.add_node(spec)
         except BaseException:
             self.stop()
+            self._restore_sigterm()
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        try:
+            self.stop()
+        finally:
+            self._restore_sigterm()
 
     def add_node(self, spec: NodeSpec, timeout_s: float = 120, attempts: int = 2) -> int:
         """Start a node (the head if it is the first) and wait until the cluster counts it; returns its index.

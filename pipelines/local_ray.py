@@ -3,6 +3,8 @@
 Ray 2.60 turns on token auth and, by default, writes the token under $HOME and its session files under the system
 temp directory. A local run here gets a fresh in-memory token and a private temp directory that is removed on exit,
 so repeated runs and tests never see each other's state. With `address` (or RAY_ADDRESS) set, we only connect.
+SIGTERM (`kill`, systemd, a container runtime) unwinds like Ctrl-C while that local Ray runs: Python's default would
+exit at once and leave the raylet, the GCS and Serve's HAProxy running, still holding their ports.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ import contextlib
 import os
 import secrets
 import shutil
+import signal
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 
 import ray
 
@@ -36,6 +40,7 @@ def local_ray(num_cpus: int | None = None, address: str | None = None) -> Iterat
     os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     # Unix socket paths are limited to ~107 bytes, so the session dir stays short and under /tmp.
     temp_dir = tempfile.mkdtemp(prefix="efray-", dir="/tmp")
+    restore_sigterm = None
     try:
         ray.init(
             num_cpus=num_cpus or os.cpu_count(),
@@ -46,6 +51,8 @@ def local_ray(num_cpus: int | None = None, address: str | None = None) -> Iterat
             configure_logging=True,
             logging_level="WARNING",
         )
+        # After ray.init: its core worker installs a native SIGTERM handler that ends the process mid-cleanup.
+        restore_sigterm = exit_on_sigterm()
         yield {"temp_dir": temp_dir}
     finally:
         with contextlib.suppress(Exception):
@@ -54,8 +61,24 @@ def local_ray(num_cpus: int | None = None, address: str | None = None) -> Iterat
             serve.shutdown()
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
+        if restore_sigterm is not None:
+            restore_sigterm()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def exit_on_sigterm() -> Callable[[], None]:
+    """Turn SIGTERM into SystemExit(143), so `finally` blocks run; -> a function that puts the old handler back.
+    Only the main thread may set signal handlers: elsewhere this changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGTERM)  # None: set outside Python (Ray's native handler)
+
+    def exit_cleanly(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, exit_cleanly)
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
