@@ -256,14 +256,14 @@ def bench_service(
     model_path: Path, ingress: str, threads: int, levels: list[int], seconds: float, propagation: Path | None = None
 ) -> dict:
     """Runs in its own process (see main): Serve's ingress is chosen by env vars read when Serve starts."""
-    from pipelines.local_ray import local_ray
+    from pipelines.local_ray import free_port, local_ray
     from serving.app import run_app
     from serving.onnx_model import OnnxSegmenter, labels_from_logits
 
     model = OnnxSegmenter(model_path, intra_op_threads=threads)
     size = model.input_size[0]
     batch = model.preprocess(test_image(size)[None])
-    port = _free_port()
+    port = free_port()
     with local_ray(num_cpus=max(threads, 2)):
         from ray import serve
 
@@ -297,7 +297,9 @@ def bench_service(
 
 
 def bench_naive(checkpoint: Path, size: int, threads: int, levels: list[int], seconds: float) -> list[dict]:
-    port = _free_port()
+    from pipelines.local_ray import free_port
+
+    port = free_port()
     env = os.environ | {"ENDOFLOW_NAIVE_CHECKPOINT": str(checkpoint), "ENDOFLOW_NAIVE_THREADS": str(threads)}
     command = [sys.executable, "-m", "uvicorn", "pipelines.naive_torch_server:app", "--port", str(port)]
     server = subprocess.Popen([*command, "--log-level", "warning"], env=env)
@@ -377,14 +379,6 @@ def _summary(report: dict[str, Any], ingresses: tuple[str, ...]) -> dict[str, An
         }
     summary["errors"] = sum(r.get("errors", 0) for v in report.values() if isinstance(v, list) for r in v)
     return summary
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait_port(port: int, timeout_s: float) -> None:

@@ -22,7 +22,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.local_ray import exit_on_sigterm
+from pipelines.local_ray import exit_on_sigterm, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -56,12 +55,6 @@ QUICK_JOB = [
     "model.base_width=8",
     "model.depth=3",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class NodeStartError(RuntimeError):

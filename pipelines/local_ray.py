@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import secrets
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -82,3 +84,21 @@ def exit_on_sigterm() -> Callable[[], None]:
 
     signal.signal(signal.SIGTERM, exit_cleanly)
     return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+# Neither the kernel's ephemeral range (32768-60999 by default), where Ray's processes bind port 0 while they start,
+# nor Ray's worker ports (10002-19999) nor Serve's replica ports (30000-31000): a port picked here before Ray starts
+# is still free when the proxy or HAProxy binds it.
+QUIET_PORTS = range(20000, 30000)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, from QUIET_PORTS."""
+    for port in random.sample(QUIET_PORTS, 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port in {QUIET_PORTS.start}-{QUIET_PORTS.stop - 1} on 127.0.0.1")

@@ -26,7 +26,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from pipelines.cluster import free_port
+from pipelines.local_ray import free_port
 
 PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
 ARTIFACT_BUCKET = "endoflow-mlflow"

@@ -1,19 +1,13 @@
 """The demo pipeline end to end on tiny data: Ray Train → export → MLflow registry → Ray Serve → HTTP."""
 
 import json
-import socket
 
 import pytest
 
 from pipelines.demo import DemoConfig, run_demo
+from pipelines.local_ray import free_port
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_tiny_demo_writes_report(ray_session, tmp_path, monkeypatch):

@@ -17,16 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.local_ray import free_port
 from training.export import export_segmenter
 from training.models.unet import Segmenter, UNetConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _children() -> dict[int, list[int]]:
@@ -62,7 +57,7 @@ def _running(pid: int) -> bool:
 @pytest.mark.slow
 def test_sigterm_stops_ray_and_haproxy(tmp_path: Path) -> None:
     model = export_segmenter(Segmenter(UNetConfig(base_width=4, depth=2)), tmp_path / "model.onnx", input_size=64)
-    port = _free_port()
+    port = free_port()
     # Serve holds a draining replica 30 s by default so HAProxy stops routing to it first; nothing routes here.
     env = os.environ | {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
     log = (tmp_path / "serve.log").open("w")

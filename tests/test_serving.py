@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import io
 import json
-import socket
 import struct
 import zlib
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
+from pipelines.local_ray import free_port
 from serving.codec import decode_image, encode_png, make_palette, overlay
 from serving.errors import RequestError
 from serving.onnx_model import OnnxSegmenter, argmax_classes
@@ -284,12 +284,6 @@ def test_resolve_registry_alias_and_version(tmp_path: Path, monkeypatch: pytest.
 
 
 MAX_HTTP_BODY = 1_000_000
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

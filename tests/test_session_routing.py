@@ -92,14 +92,13 @@ def scenario(segmenter: str, graphs: str, out: Path) -> None:
     import ray
     from ray import serve
 
-    from pipelines.bench_serve import _free_port
-    from pipelines.local_ray import local_ray
+    from pipelines.local_ray import free_port, local_ray
     from serving.app import run_app
     from serving.session_host import NAMESPACE
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # HAProxy holds a descriptor per connection
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 16384), hard), hard))
-    port, result = _free_port(), {}
+    port, result = free_port(), {}
 
     def hosts() -> list[str]:
         return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(PREFIX)]
