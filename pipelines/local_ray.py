@@ -3,8 +3,9 @@
 Ray 2.60 turns on token auth and, by default, writes the token under $HOME and its session files under the system
 temp directory. A local run here gets a fresh in-memory token and a private temp directory that is removed on exit,
 so repeated runs and tests never see each other's state. With `address` (or RAY_ADDRESS) set, we only connect.
-SIGTERM (`kill`, systemd, a container runtime) unwinds like Ctrl-C while that local Ray runs: Python's default would
-exit at once and leave the raylet, the GCS and Serve's HAProxy running, still holding their ports.
+SIGTERM (`kill`, systemd, a container runtime) unwinds like Ctrl-C while that local Ray runs: the native handler
+ray.init installs ends the process mid-cleanup and leaves the raylet, the GCS and Serve's HAProxy running, still
+holding their ports.
 """
 
 from __future__ import annotations
