@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -20,8 +21,6 @@ import pytest
 from pipelines.local_ray import free_port
 from training.export import export_segmenter
 from training.models.unet import Segmenter, UNetConfig
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _children() -> dict[int, list[int]]:
@@ -46,6 +45,13 @@ def _descendants(pid: int) -> set[int]:
     return found
 
 
+def _command(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:  # exited meanwhile (HAProxy replaces its process at every reload)
+        return b""
+
+
 def _running(pid: int) -> bool:
     """Alive and not a zombie (a sandbox's init may never reap the processes it inherits)."""
     try:
@@ -61,8 +67,9 @@ def test_sigterm_stops_ray_and_haproxy(tmp_path: Path) -> None:
     # Serve holds a draining replica 30 s by default so HAProxy stops routing to it first; nothing routes here.
     env = os.environ | {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
     log = (tmp_path / "serve.log").open("w")
+    endoflow = Path(sys.executable).parent / "endoflow"  # the venv running the tests
     server = subprocess.Popen(
-        [str(ROOT / ".venv/bin/endoflow"), "serve", "--model", str(model), "--port", str(port), "--threads", "1"],
+        [str(endoflow), "serve", "--model", str(model), "--port", str(port), "--threads", "1"],
         cwd=tmp_path,
         env=env,
         stdout=log,
@@ -81,7 +88,7 @@ def test_sigterm_stops_ray_and_haproxy(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "endoflow serve did not become healthy"
             time.sleep(1)
         started = _descendants(server.pid)
-        commands = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ") for pid in started}
+        commands = {pid: _command(pid) for pid in started}
         assert any(b"raylet" in c for c in commands.values()), "expected the local Ray under the serve process"
         assert any(b"haproxy" in c for c in commands.values()), "expected Serve's HAProxy ingress (the default)"
 
