@@ -89,8 +89,9 @@ bench-adapt: $(STAMP)
 			--set runs_dir=runs/bench/adapt-vocalfolds; \
 	else echo "bench-adapt: ../shared/data/vocalfolds absent, embedded ladder only"; fi
 
-# --- serving benchmark: bare onnxruntime vs the service (v2 binary, REST PNG; default and HAProxy ingress) vs naive
-# FastAPI + torch, at concurrency 1/8/32, plus WebSocket propagation streams (~5 min on 2 cores) ---
+# --- serving benchmark: bare onnxruntime vs the service (v2 binary, REST PNG; Ray's proxy, HAProxy, HAProxy with user
+# code on Serve's loop; an echo deployment as the HTTP floor) vs naive FastAPI + torch, at concurrency 1/8/32, plus
+# WebSocket propagation streams (~7 min on 2 cores) ---
 .PHONY: bench-serve
 
 bench-serve: $(STAMP)
