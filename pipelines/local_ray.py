@@ -21,11 +21,11 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 
-import ray
-
 
 @contextlib.contextmanager
 def local_ray(num_cpus: int | None = None, address: str | None = None) -> Iterator[dict]:
+    import ray  # here, not at the top: free_port and exit_on_sigterm serve callers that never start Ray
+
     address = address or os.environ.get("RAY_ADDRESS") or None
     if ray.is_initialized():
         yield {"reused": True}
