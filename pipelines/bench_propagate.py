@@ -1,7 +1,7 @@
 """Propagation benchmark → runs/bench/propagate.json: J&F on simulator sequences and on the vocalfolds sequences
 (first labelled frame given, beside the copy-first-mask baseline), torch/onnxruntime sequence parity, and
-frames/s of the whole stream (encode_key + segment every frame, encode_value every mem_every-th) at 256×256 with
-2 CPU threads for torch and for onnxruntime.
+frames/s of the whole stream (encode_key + segment every frame, encode_value every frame with the default policy's
+previous_frame, else every mem_every-th) at 256×256 with 2 CPU threads for torch and for onnxruntime.
 
 Without --model it uses runs/artifacts/propagate-bench.pt, training it first when missing (`bench_config`: 1500
 clip batches at 256×256, ~8 min on 2 idle cores, far longer when they are shared; a stopped run resumes) on

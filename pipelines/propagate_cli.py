@@ -28,15 +28,18 @@ SizeOption = Annotated[
 ]
 MemEveryOption = Annotated[int, typer.Option(help="every N-th frame enters the memory")]
 MaxMemoryOption = Annotated[int, typer.Option(help="memory bound in frames (the key frame always stays)")]
+PreviousFrameOption = Annotated[
+    bool, typer.Option(help="the frame just segmented is also read by the next one (a temporary memory entry)")
+]
 TopKOption = Annotated[int, typer.Option(help="top-k memory read for torch checkpoints (0: all)")]
 ThreadsOption = Annotated[int | None, typer.Option(help="CPU threads for inference")]
 SequencesOption = Annotated[list[str] | None, typer.Option("--sequence", help="vocalfolds sequence, repeatable")]
 
 
-def _policy(mem_every: int, max_memory: int, top_k: int):
+def _policy(mem_every: int, max_memory: int, previous_frame: bool, top_k: int):
     from training.propagate.inference import MemoryPolicy
 
-    return MemoryPolicy(mem_every=mem_every, max_memory=max_memory, top_k=top_k or None)
+    return MemoryPolicy(mem_every=mem_every, max_memory=max_memory, previous_frame=previous_frame, top_k=top_k or None)
 
 
 def _tracking(tracking_uri: str | None) -> str:
@@ -109,6 +112,7 @@ def evaluate(
     size: SizeOption = None,
     mem_every: MemEveryOption = 5,
     max_memory: MaxMemoryOption = 8,
+    previous_frame: PreviousFrameOption = True,
     top_k: TopKOption = 20,
     threads: ThreadsOption = None,
     tracking_uri: TrackingOption = None,
@@ -117,7 +121,7 @@ def evaluate(
     from pipelines.propagate_flow import evaluate_sequences, load_backend, locate_model, named_sequences, trained_size
     from training.data.folders import DataError
 
-    policy = _policy(mem_every, max_memory, top_k)
+    policy = _policy(mem_every, max_memory, previous_frame, top_k)
     try:
         located = locate_model(model, _tracking(tracking_uri))
         backend = load_backend(located, policy, threads)
@@ -150,6 +154,7 @@ def run(
     size: SizeOption = None,
     mem_every: MemEveryOption = 5,
     max_memory: MaxMemoryOption = 8,
+    previous_frame: PreviousFrameOption = True,
     top_k: TopKOption = 20,
     tracking_uri: TrackingOption = None,
 ) -> None:
@@ -158,7 +163,7 @@ def run(
     from pipelines.propagate_flow import load_backend, locate_model, reference_segmenter, trained_size
     from training.data.folders import DataError
 
-    policy = _policy(mem_every, max_memory, top_k)
+    policy = _policy(mem_every, max_memory, previous_frame, top_k)
     try:
         located = locate_model(model, _tracking(tracking_uri))
         backend = load_backend(located, policy)

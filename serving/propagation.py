@@ -40,6 +40,7 @@ class PropagationMetadata:
     std: np.ndarray
     mem_every: int
     max_memory: int
+    previous_frame: bool  # graphs exported before the flag existed read without it
 
     @classmethod
     def from_props(cls, props: dict[str, str], source: Path) -> PropagationMetadata:
@@ -59,6 +60,7 @@ class PropagationMetadata:
                 std=np.array(norm["std"], np.float32),
                 mem_every=int(memory["mem_every"]),
                 max_memory=int(memory["max_memory"]),
+                previous_frame=bool(memory.get("previous_frame", False)),
             )
         except KeyError as err:
             raise ValueError(f"{source}: propagation metadata key {err} is missing") from err
@@ -172,6 +174,7 @@ class Stream:
         self.lookup = np.array([0, *self.objects], np.uint8)
         self.frames_seen = 1
         self.memory: list[tuple[np.ndarray, np.ndarray]] = []
+        self.previous: tuple[np.ndarray, np.ndarray] | None = None  # the last frame, when not in memory
         if self.objects:
             height, width = model.metadata.input_size
             small = np.asarray(Image.fromarray(mask_hw).resize((width, height), Image.Resampling.NEAREST))
@@ -188,14 +191,20 @@ class Stream:
         model, metadata = self.model, self.model.metadata
         image = model.prepare(frame_hw3)
         key, f16, f8, f4 = model.encode_key(image)
-        memory_keys = np.concatenate([k for k, _ in self.memory], axis=0)
-        memory_values = np.stack([v for _, v in self.memory], axis=1)
+        read = self.memory if self.previous is None else [*self.memory, self.previous]
+        memory_keys = np.concatenate([k for k, _ in read], axis=0)
+        memory_values = np.stack([v for _, v in read], axis=1)
         probs = model.segment(key, f16, f8, f4, memory_keys, memory_values)
         labels = self.lookup[probs[0].argmax(0)]
-        if t % metadata.mem_every == 0:
-            self.memory.append((key, model.encode_value(image, f16, np.ascontiguousarray(probs[0, 1:, None]))))
-            if len(self.memory) > metadata.max_memory:
-                del self.memory[1]  # the key frame always stays
+        self.previous = None
+        if t % metadata.mem_every == 0 or metadata.previous_frame:
+            entry = (key, model.encode_value(image, f16, np.ascontiguousarray(probs[0, 1:, None])))
+            if t % metadata.mem_every == 0:
+                self.memory.append(entry)
+                if len(self.memory) > metadata.max_memory:
+                    del self.memory[1]  # the key frame always stays
+            else:
+                self.previous = entry
         height, width = frame_hw3.shape[:2]
         if labels.shape == (height, width):
             return labels

@@ -61,7 +61,12 @@ def test_resume_export_and_sequence_parity(trained):
     for graph in GRAPHS:
         metadata = graph_metadata(result.graphs[graph])
         assert metadata["endoflow.task"] == "propagation" and metadata["endoflow.graph"] == graph
-        assert json.loads(metadata["endoflow.memory"]) == {"mem_every": 5, "max_memory": 8, "top_k": 20}
+        assert json.loads(metadata["endoflow.memory"]) == {
+            "mem_every": 5,
+            "max_memory": 8,
+            "previous_frame": True,
+            "top_k": 20,
+        }
         assert json.loads(metadata["endoflow.input_size"]) == [64, 64]
         assert json.loads(metadata["endoflow.class_names"])[1] == "vocal_folds"
     state = __import__("torch").load(result.model_path, weights_only=False)

@@ -66,14 +66,16 @@ def test_top_k_keeps_k_memory_positions_per_query():
 
 
 class CountingBackend(TorchBackend):
-    """Records how many memory frames each segment call reads."""
+    """Records how many memory frames each segment call reads, the keys it reads and the query's key."""
 
     def __init__(self, model, top_k):
         super().__init__(model, top_k)
-        self.memory_sizes = []
+        self.memory_sizes, self.memory_keys, self.query_keys = [], [], []
 
     def segment(self, key, f16, f8, f4, memory_keys, memory_values):
         self.memory_sizes.append(memory_keys.shape[0])
+        self.memory_keys.append(memory_keys)
+        self.query_keys.append(key)
         assert memory_values.shape[1] == memory_keys.shape[0]
         return super().segment(key, f16, f8, f4, memory_keys, memory_values)
 
@@ -84,11 +86,26 @@ def test_memory_policy_is_bounded(model):
     mask = np.zeros((32, 32), np.uint8)
     mask[4:12, 4:12], mask[20:30, 18:28] = 1, 4
     backend = CountingBackend(model, top_k=10)
-    labels, confidence = propagate(backend, frames, mask, MemoryPolicy(mem_every=2, max_memory=3))
+    policy = MemoryPolicy(mem_every=2, max_memory=3, previous_frame=False)
+    labels, confidence = propagate(backend, frames, mask, policy)
     assert labels.shape == (20, 32, 32) and set(np.unique(labels)) <= {0, 1, 4}
     assert (labels[0] == mask).all() and (confidence[0] == 1).all()
     # frame t reads 1 + (t − 1) // 2 frames until the bound of 3 is reached
     assert backend.memory_sizes[:5] == [1, 1, 2, 2, 3] and max(backend.memory_sizes) == 3
+
+
+def test_previous_frame_is_a_temporary_entry(model):
+    """With previous_frame, frame t also reads frame t − 1 (last, after the memory) unless t − 1 is kept anyway."""
+    rng = np.random.default_rng(2)
+    frames = rng.integers(0, 255, (12, 32, 32, 3), dtype=np.uint8)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[4:12, 4:12] = 2
+    backend = CountingBackend(model, top_k=10)
+    propagate(backend, frames, mask, MemoryPolicy(mem_every=2, max_memory=3, previous_frame=True))
+    # t = 1..6 (kept: 2, 4, ...): key | key+1 | key+2 | key+2+3 | key+2+4 | key+2+4+5 ... never over max_memory + 1
+    assert backend.memory_sizes[:6] == [1, 2, 2, 3, 3, 4] and max(backend.memory_sizes) == 4
+    for t in (2, 4, 6, 11):  # frame t − 1 was not kept: its key is the last one read
+        assert np.array_equal(backend.memory_keys[t - 1][-1], backend.query_keys[t - 2][0])
 
 
 def test_bidirectional_from_a_middle_key_frame(model):

@@ -96,8 +96,38 @@ def test_stream_matches_the_reference_loop(graphs_dir: Path) -> None:
     got = np.stack([mask, *[stream.step(f) for f in frames[1:]]])
     assert np.array_equal(got, expected)
     assert len(stream.memory) == 3  # key frame + frames 2, 4, 6 capped at max_memory = 3
+    assert model.metadata.previous_frame and stream.previous is None  # frame 6 was kept, so no temporary entry
+    stream = Stream(model, frames[0], mask)
+    stream.step(frames[1])
+    assert stream.previous is not None and len(stream.memory) == 1  # frame 1: read by frame 2, not kept
     with pytest.raises(RequestError, match="must match"):
         Stream(model, frames[0], mask[:32])
+
+
+def test_graphs_exported_before_previous_frame_stream_without_it(graphs_dir: Path, tmp_path: Path) -> None:
+    """endoflow.memory without previous_frame (older exports): the stream reads only the kept frames."""
+    from training.propagate.export import OnnxBackend, load_graphs
+    from training.propagate.inference import MemoryPolicy, propagate
+
+    old = tmp_path / "old"
+    old.mkdir()
+    for graph in GRAPHS:
+        model = onnx.load(str(graphs_dir / f"propagation.{graph}.onnx"))
+        props = {p.key: p.value for p in model.metadata_props}
+        memory = json.loads(props["endoflow.memory"])
+        assert memory.pop("previous_frame") is True
+        helper.set_model_props(model, props | {"endoflow.memory": json.dumps(memory)})
+        onnx.save_model(model, str(old / f"propagation.{graph}.onnx"))
+    frames, mask = clip(7)
+    policy = MemoryPolicy(mem_every=2, max_memory=3, previous_frame=False)
+    expected, _ = propagate(OnnxBackend(load_graphs(graphs_dir)), frames, mask, policy)
+    model = OnnxPropagator(resolve_graphs(str(old)))
+    assert model.metadata.previous_frame is False
+    stream, got = Stream(model, frames[0], mask), [mask]
+    for frame in frames[1:]:
+        got.append(stream.step(frame))
+        assert stream.previous is None
+    assert np.array_equal(np.stack(got), expected)
 
 
 def test_graphs_of_two_exports_are_refused(graphs_dir: Path, tmp_path: Path) -> None:

@@ -30,7 +30,8 @@ Metadata (`metadata_props`, all strings; JSON where structured), identical in th
   endoflow.input_size [H, W] (training size); endoflow.normalization {"mean": [3], "std": [3]};
   endoflow.size_multiple "16"; endoflow.key_stride "16";
   endoflow.dims {"key": Dk, "value": Dv, "f16": C16, "f8": C8, "f4": C4};
-  endoflow.memory {"mem_every": 5, "max_memory": 8, "top_k": 20} (defaults; top_k is baked into segment, null = all);
+  endoflow.memory {"mem_every": 5, "max_memory": 8, "previous_frame": true, "top_k": 20} (defaults; top_k is baked
+    into segment, null = all; graphs without previous_frame predate it and mean false);
   endoflow.source_run_id; endoflow.model_config (the torch config, for provenance).
 
 How a client runs a stream (training/propagate/inference.py does exactly this in torch):
@@ -43,6 +44,8 @@ How a client runs a stream (training/propagate/inference.py does exactly this in
     if t is a multiple of mem_every (counted from the key frame): append (key, encode_value(image_t, f16_t,
     probs[0, 1:, None])); if the memory then holds more than max_memory frames, drop the oldest frame that is
     not the key frame (the key frame is always kept).
+    otherwise, if previous_frame: frame t's (key, value) is read by frame t + 1 only, appended after the memory
+    (so segment sees at most max_memory + 1 frames), and not kept.
   bidirectional from a middle key frame: two independent streams, forward and backward in time.
 """
 

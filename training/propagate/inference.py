@@ -24,10 +24,14 @@ _STD = np.array(IMAGENET_STD, np.float32).reshape(1, 3, 1, 1)
 
 class MemoryPolicy(StrictModel):
     """Which frames enter the memory: the key frame always, then every `mem_every`-th frame, at most `max_memory`
-    frames (the oldest non-key frame leaves first). top_k: each query position reads its k best memory positions."""
+    frames (the oldest non-key frame leaves first). previous_frame: the frame just segmented is also read, as a
+    temporary entry replaced at the next step (as in STM); training clips always have it in memory, so inference
+    without it reads a memory unlike the one the network learnt from. top_k: each query position reads its k best
+    memory positions."""
 
     mem_every: int = Field(5, ge=1)
     max_memory: int = Field(8, ge=1)
+    previous_frame: bool = True
     top_k: int | None = Field(20, ge=1)
 
 
@@ -96,18 +100,25 @@ def propagate(
     image = prepare_frame(frames_thw3[0])
     key, f16, _, _ = backend.encode_key(image)
     memory = [(key, backend.encode_value(image, f16, one_hot(labels[0], objects)))]
+    previous = None  # (key, value) of the last frame when it is not in `memory`
     for t in range(1, len(frames_thw3)):
         image = prepare_frame(frames_thw3[t])
         key, f16, f8, f4 = backend.encode_key(image)
-        memory_keys = np.concatenate([k for k, _ in memory], axis=0)
-        memory_values = np.stack([v for _, v in memory], axis=1)
+        read = memory if previous is None else [*memory, previous]
+        memory_keys = np.concatenate([k for k, _ in read], axis=0)
+        memory_values = np.stack([v for _, v in read], axis=1)
         probs = backend.segment(key, f16, f8, f4, memory_keys, memory_values)
         labels[t] = lookup[probs[0].argmax(0)]
         confidence[t] = probs[0].max(0)
-        if t % policy.mem_every == 0:
-            memory.append((key, backend.encode_value(image, f16, np.ascontiguousarray(probs[0, 1:, None]))))
-            if len(memory) > policy.max_memory:
-                del memory[1]  # the key frame stays
+        previous = None
+        if t % policy.mem_every == 0 or policy.previous_frame:
+            entry = (key, backend.encode_value(image, f16, np.ascontiguousarray(probs[0, 1:, None])))
+            if t % policy.mem_every == 0:
+                memory.append(entry)
+                if len(memory) > policy.max_memory:
+                    del memory[1]  # the key frame stays
+            else:
+                previous = entry
     return labels, confidence
 
 
