@@ -196,10 +196,10 @@ class Stream:
         memory_values = np.stack([v for _, v in read], axis=1)
         probs = model.segment(key, f16, f8, f4, memory_keys, memory_values)
         labels = self.lookup[probs[0].argmax(0)]
-        self.previous = None
-        if t % metadata.mem_every == 0 or metadata.previous_frame:
+        self.previous, keep = None, t % metadata.mem_every == 0
+        if keep or metadata.previous_frame:
             entry = (key, model.encode_value(image, f16, np.ascontiguousarray(probs[0, 1:, None])))
-            if t % metadata.mem_every == 0:
+            if keep:
                 self.memory.append(entry)
                 if len(self.memory) > metadata.max_memory:
                     del self.memory[1]  # the key frame always stays

@@ -110,10 +110,10 @@ def propagate(
         probs = backend.segment(key, f16, f8, f4, memory_keys, memory_values)
         labels[t] = lookup[probs[0].argmax(0)]
         confidence[t] = probs[0].max(0)
-        previous = None
-        if t % policy.mem_every == 0 or policy.previous_frame:
+        previous, keep = None, t % policy.mem_every == 0
+        if keep or policy.previous_frame:
             entry = (key, backend.encode_value(image, f16, np.ascontiguousarray(probs[0, 1:, None])))
-            if t % policy.mem_every == 0:
+            if keep:
                 memory.append(entry)
                 if len(memory) > policy.max_memory:
                     del memory[1]  # the key frame stays
