@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.models.propagation.memory import affinity, readout
+from training.models.propagation.memory import affinity, read, readout
 from training.models.propagation.network import PropagationConfig, PropagationNet, flatten_memory
 from training.propagate.inference import MemoryPolicy, TorchBackend, propagate, propagate_both_ways
 
@@ -54,15 +54,20 @@ def test_affinity_is_softmax_of_negative_squared_distance():
     assert torch.allclose(affinity(memory, query)[0], expected, atol=1e-6)
 
 
-def test_top_k_keeps_k_memory_positions_per_query():
+def test_top_k_read_averages_the_k_nearest_memory_positions_per_query():
     torch.manual_seed(2)
-    memory, query = torch.randn(1, 4, 50), torch.randn(1, 4, 7)
-    weights = affinity(memory, query, top_k=5)
-    assert weights.shape == (1, 7, 50) and ((weights > 0).sum(2) == 5).all()
-    assert torch.allclose(weights.sum(2), torch.ones(1, 7))
-    assert torch.allclose(affinity(memory, query, top_k=500), affinity(memory, query))  # k ≥ M: all positions
-    values = torch.randn(1, 2, 3, 50)
-    assert readout(weights, values).shape == (1, 2, 3, 7)
+    memory, query, values = torch.randn(2, 4, 50), torch.randn(2, 4, 7), torch.randn(2, 3, 6, 50)  # B, N, Dv, M
+    weights = affinity(memory, query)  # (B, Q, M); the top-k read must keep the same order of positions
+    best = weights.topk(5, dim=2).indices
+    kept = torch.zeros_like(weights).scatter(2, best, 1.0)
+    expected = readout(weights * kept / (weights * kept).sum(2, keepdim=True), values)
+    got = read(memory, query, values, top_k=5)
+    assert got.shape == (2, 3, 6, 7)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert torch.allclose(read(memory, query, values, top_k=500), readout(weights, values), atol=1e-5)  # k ≥ M
+    assert torch.allclose(read(memory, query, values, top_k=None), readout(weights, values))
+    # Each batch item reads its own memory only.
+    assert torch.allclose(read(memory[1:], query[1:], values[1:], top_k=5), got[1:], atol=1e-6)
 
 
 class CountingBackend(TorchBackend):

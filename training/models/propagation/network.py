@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from torch import nn
 
-from training.models.propagation.memory import affinity, readout
+from training.models.propagation.memory import read
 from training.models.propagation.modules import Decoder, KeyEncoder, ValueEncoder
 
 KEY_STRIDE = 16
@@ -104,13 +104,12 @@ class PropagationNet(nn.Module):
         """Aggregated logits at 1/4 resolution, (B, N + 1, H/4, W/4)."""
         b, n = memory_values_bndm.shape[:2]
         h, w = key.shape[-2:]
-        weights = affinity(memory_keys_bdm, key.flatten(2), top_k)
-        read = readout(weights, memory_values_bndm).reshape(b * n, -1, h, w)
+        readout = read(memory_keys_bdm, key.flatten(2), memory_values_bndm, top_k).reshape(b * n, -1, h, w)
 
         def per_object(x: torch.Tensor) -> torch.Tensor:
             return x.unsqueeze(1).expand(b, n, *x.shape[1:]).reshape(b * n, *x.shape[1:])
 
-        logits = self.decoder(read, per_object(f16), per_object(f8), per_object(f4))
+        logits = self.decoder(readout, per_object(f16), per_object(f8), per_object(f4))
         return aggregate(torch.sigmoid(logits.reshape(b, n, *logits.shape[-2:])))
 
 
