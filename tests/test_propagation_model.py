@@ -124,3 +124,20 @@ def test_bidirectional_from_a_middle_key_frame(model):
         propagate_both_ways(TorchBackend(model, None), frames, mask, 9, MemoryPolicy())
     with pytest.raises(ValueError, match="multiples of 16"):
         propagate(TorchBackend(model, None), frames[:, :30], mask[:30], MemoryPolicy())
+
+
+def test_batch_norm_recalibration_is_the_plain_average_of_the_batches():
+    from training.loop import recalibrate_batch_norm
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1, bias=False), torch.nn.BatchNorm2d(1))
+    torch.nn.init.ones_(net[0].weight)
+    shifts = iter([1.0, 2.0, 6.0])
+    net.eval()  # restored afterwards
+
+    def run_batch():
+        net(torch.randn(4, 1, 8, 8) + next(shifts))
+
+    recalibrate_batch_norm(net, run_batch, batches=3)
+    # The momentum (0.1) estimate from zero would be about 0.86; the plain average of the three means is 3.
+    assert abs(net[1].running_mean.item() - 3.0) < 0.15
+    assert net[1].momentum == 0.1 and not net.training

@@ -88,6 +88,27 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
+def recalibrate_batch_norm(model: torch.nn.Module, run_batch: Callable[[], object], batches: int) -> None:
+    """Replace every batch norm's running statistics by their plain average over `batches` forward passes
+    (`run_batch`, train mode, no gradients), as in "precise BN" (Wu & Johnson, 2021). The momentum estimate mostly
+    reflects the last ~10 small, mixed batches, so the evaluated model, and its score, jumped from epoch to epoch."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms or batches <= 0:
+        return
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # None: a cumulative average over the passes
+    was_training = model.training
+    model.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            run_batch()
+    for norm, momentum in zip(norms, momenta, strict=True):
+        norm.momentum = momentum
+    model.train(was_training)
+
+
 def load_state() -> dict[str, Any] | None:
     """The state saved with the latest reported checkpoint of this run (after a restart or a resume), if any."""
     checkpoint = ray.train.get_checkpoint()

@@ -65,6 +65,12 @@ class PropagateJobConfig(StrictModel):
     deform: DeformConfig = DeformConfig()
     stage1_epochs: int = Field(3, ge=0, description="the first epochs train on static pseudo-sequences only")
     steps_per_epoch: int = Field(100, ge=1, description="clip batches per epoch and worker")
+    bn_recalibration_batches: int = Field(
+        40,
+        ge=0,
+        description="after each epoch, batch-norm statistics averaged over this many batches (at most "
+        "steps_per_epoch; 0 = keep the running estimates)",
+    )
     val: DataSpec | None = Field(None, description="labelled sequences scored by J&F (first frame given) each epoch")
     model: PropagationConfig = PropagationConfig()
     memory: MemoryPolicy = MemoryPolicy()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from training.data.normalize import normalize
 from training.models.propagation.network import PropagationNet
 from training.propagate.config import PropagateJobConfig
 from training.propagate.inference import TorchBackend, propagate
-from training.propagate.sequences import build_pools, labelled_sequences, sample_clips
+from training.propagate.sequences import ClipPools, build_pools, labelled_sequences, sample_clips
 from training.propagation_metrics import j_and_f
 from training.segment.train import masked_cross_entropy
 
@@ -50,6 +51,30 @@ def first_masks(labels_bkhw: torch.Tensor, objects: int) -> torch.Tensor:
     """(B, N, H, W) float one-hot of objects 1..N in each clip's first frame (IGNORE_INDEX pixels: no object)."""
     first = labels_bkhw[:, 0]
     return F.one_hot(first.masked_fill(first == IGNORE_INDEX, 0), objects + 1).permute(0, 3, 1, 2)[:, 1:].float()
+
+
+def draw_clips(
+    pools: ClipPools, cfg: PropagateJobConfig, static_share: float, rng: np.random.Generator, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of normalised clips (B, K, 3, H, W) and their label maps (B, K, H, W) on `device`."""
+    frames, labels = sample_clips(pools, cfg.compute.batch_size, cfg.data, cfg.deform, static_share, rng)
+    b, k = frames.shape[:2]
+    frames = normalize(frames.flatten(0, 1)).reshape(b, k, *frames.shape[2:])
+    return frames.to(device), labels.to(device)
+
+
+def forward_clips(
+    model: PropagationNet,
+    pools: ClipPools,
+    cfg: PropagateJobConfig,
+    static_share: float,
+    rng: np.random.Generator,
+    context: loop.WorkerContext,
+) -> None:
+    """One forward pass over a fresh batch, for the batch-norm statistics."""
+    frames, labels = draw_clips(pools, cfg, static_share, rng, context.device)
+    with context.autocast():
+        model(frames, first_masks(labels, cfg.data.max_objects))
 
 
 def evaluate_sequences(model: PropagationNet, sequences, policy) -> dict[str, float]:
@@ -91,14 +116,11 @@ def train_loop_per_worker(config_dict: dict) -> None:
         started = time.perf_counter()
         stage = 1 if epoch < cfg.stage1_epochs else 2
         rng = np.random.default_rng([cfg.compute.seed, context.rank, epoch])  # resumable: same clips per epoch
+        share = 1.0 if stage == 1 else cfg.data.static_share
         model.train()
         total_loss = 0.0
         for step in range(cfg.steps_per_epoch):
-            share = 1.0 if stage == 1 else cfg.data.static_share
-            frames, labels = sample_clips(pools, cfg.compute.batch_size, cfg.data, cfg.deform, share, rng)
-            b, k = frames.shape[:2]
-            frames = normalize(frames.flatten(0, 1)).reshape(b, k, *frames.shape[2:]).to(context.device)
-            labels = labels.to(context.device)
+            frames, labels = draw_clips(pools, cfg, share, rng, context.device)
             with context.autocast():
                 logits = model(frames, first_masks(labels, cfg.data.max_objects))
                 loss = clip_loss(logits.float(), labels[:, 1:])
@@ -113,6 +135,10 @@ def train_loop_per_worker(config_dict: dict) -> None:
                     flush=True,
                 )
         scheduler.step()
+        # Each worker averages over its own clips, with their own generator so that resumed runs draw the same ones.
+        bn_rng = np.random.default_rng([cfg.compute.seed, context.rank, epoch, 1])
+        forward = partial(forward_clips, loop.unwrap(model), pools, cfg, share, bn_rng, context)
+        loop.recalibrate_batch_norm(loop.unwrap(model), forward, min(cfg.bn_recalibration_batches, cfg.steps_per_epoch))
 
         metrics = {
             "epoch": epoch + 1,
