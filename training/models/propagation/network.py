@@ -21,11 +21,13 @@ _EPS = 1e-7
 class PropagationConfig(BaseModel):
     model_config = {"extra": "forbid"}
 
-    key_dim: int = Field(32, ge=4)
-    value_dim: int = Field(64, ge=8)
-    c4: int = Field(24, ge=4, description="channels at 1/4")
-    c8: int = Field(48, ge=4, description="channels at 1/8")
-    c16: int = Field(96, ge=4, description="channels at 1/16")
+    # Measured on vocalfolds seq4 (held out): key_dim 32, value_dim 64, c8 48, c16 96 (86 k parameters) scored
+    # J&F 0.478; these widths (211 k) 0.615 at the same stream speed, whose cost is mostly the per-object decoder.
+    key_dim: int = Field(64, ge=4)
+    value_dim: int = Field(96, ge=8)
+    c4: int = Field(32, ge=4, description="channels at 1/4")
+    c8: int = Field(96, ge=4, description="channels at 1/8")
+    c16: int = Field(192, ge=4, description="channels at 1/16")
     decoder_width: int = Field(64, ge=8)
 
     @property
