@@ -281,7 +281,7 @@ def _train_export(cls, runner, config, set_, eval_data, register, address, fresh
     """What `train` and `adapt` share: config + overrides, a Ray Train run, scoring, ONNX export, registry."""
     from pipelines.local_ray import local_ray
     from pipelines.segment_flow import train_and_export
-    from training.config import load_config
+    from training.config import ConfigError, load_config
     from training.data import storage
     from training.data.sources import DataSpec
 
@@ -297,7 +297,11 @@ def _train_export(cls, runner, config, set_, eval_data, register, address, fresh
     with local_ray(num_cpus=None, address=address), tempfile.TemporaryDirectory(prefix="endoflow-export-") as scratch:
         # ONNX export and overlays need a local folder; an s3:// runs_dir gets a copy of it afterwards.
         out_dir = Path(scratch) if storage.is_s3(artifacts_uri) else Path(artifacts_uri)
-        result = train_and_export(cfg, eval_spec, out_dir, register_as, fresh=fresh, runner=runner)
+        try:
+            result = train_and_export(cfg, eval_spec, out_dir, register_as, fresh=fresh, runner=runner)
+        except ConfigError as exc:  # e.g. a run of this name exists with another model
+            console.print(f"[red]config error:[/red] {exc}")
+            raise typer.Exit(2) from exc
         onnx_location = str(result.onnx_path)
         if storage.is_s3(artifacts_uri):
             for file in sorted(p for p in out_dir.rglob("*") if p.is_file()):

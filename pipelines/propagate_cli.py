@@ -90,8 +90,11 @@ def train(
     if register:
         name, _, alias = register.partition("@")
         register_as = (name, alias or None)
-    with local_ray(num_cpus=None, address=address):
-        result = train_and_export(cfg, Path(cfg.runs_dir) / "artifacts", eval_spec, register_as, fresh=fresh)
+    try:
+        with local_ray(num_cpus=None, address=address):
+            result = train_and_export(cfg, Path(cfg.runs_dir) / "artifacts", eval_spec, register_as, fresh=fresh)
+    except ConfigError as exc:  # e.g. a run of this name exists with another model
+        _fail(exc)
     console.print(f"model {result.model_path} ({result.parameters} parameters), run {result.run_id}")
     console.print(f"ONNX: {', '.join(str(p) for p in result.graphs.paths.values())}")
     console.print(f"sequence parity: J&F torch {result.parity['jf_torch']:.4f} onnx {result.parity['jf_onnx']:.4f}")
@@ -312,6 +315,10 @@ def bench(
 ) -> None:
     """J&F on simulator sequences and vocalfolds, frames/s at 256×256 for torch and onnxruntime (2 threads)."""
     from pipelines.bench_propagate import bench_propagate
+    from training.config import ConfigError
 
-    report = bench_propagate(out, model, real_data)
+    try:
+        report = bench_propagate(out, model, real_data)
+    except ConfigError as exc:  # its training run exists with another model
+        _fail(exc)
     console.print_json(json.dumps({k: v for k, v in report.items() if k != "real_sequences"}))

@@ -141,3 +141,19 @@ def test_batch_norm_recalibration_is_the_plain_average_of_the_batches():
     # The momentum (0.1) estimate from zero would be about 0.86; the plain average of the three means is 3.
     assert abs(net[1].running_mean.item() - 3.0) < 0.15
     assert net[1].momentum == 0.1 and not net.training
+
+
+def test_a_run_is_not_resumed_with_another_model(tmp_path):
+    from training.config import ConfigError, load_config
+    from training.loop import STATE_FILE, check_resumable
+    from training.propagate.config import PropagateJobConfig
+
+    cfg = load_config(PropagateJobConfig, None, ["name=run", f"runs_dir={tmp_path}"])
+    check_resumable(cfg)  # no checkpoint yet
+    saved = tmp_path / "ray" / "run" / "checkpoint_2026-12-02_00-00-00.000000"
+    saved.mkdir(parents=True)
+    torch.save({"config": cfg.model_dump(mode="json")}, saved / STATE_FILE)
+    check_resumable(cfg)  # same model: resumes
+    wider = load_config(PropagateJobConfig, None, ["name=run", f"runs_dir={tmp_path}", "model.c16=256"])
+    with pytest.raises(ConfigError, match=r"run 'run' .* --fresh"):
+        check_resumable(wider)

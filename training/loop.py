@@ -25,7 +25,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from training import tracking
-from training.config import StrictModel
+from training.config import ConfigError, StrictModel
 from training.data import storage
 
 STATE_FILE = "state.pt"
@@ -181,11 +181,32 @@ def fit(
     return trainer.fit()
 
 
+def check_resumable(cfg: Any) -> None:
+    """A run of the same name resumes from its last checkpoint: refuse, before any worker starts, one whose `model`
+    section differs from this config's, since its weights would not load. Local storage only (an S3 run that does
+    not match fails when the workers load it)."""
+    if storage.is_s3(cfg.runs_dir) or "model" not in type(cfg).model_fields:
+        return
+    root = Path(cfg.runs_dir) / "ray" / cfg.name
+    saved = sorted(root.glob(f"checkpoint_*/{STATE_FILE}"))  # names carry their time: the last is the newest
+    if not saved:
+        return
+    trained_with = torch.load(saved[-1], map_location="cpu", weights_only=False)["config"].get("model")
+    wanted = cfg.model_dump(mode="json")["model"]
+    if trained_with != wanted:
+        raise ConfigError(
+            f"run {cfg.name!r} ({root}) has checkpoints of model {trained_with}, but this config asks for model "
+            f"{wanted}; a run of the same name resumes: start over with --fresh (or delete {root}), or choose "
+            "another name"
+        )
+
+
 def fit_job(
     train_loop_per_worker: Callable[[dict], None], loop_config: dict[str, Any], cfg: Any
 ) -> tuple[dict[str, Any], ray.train.Result]:
     """`fit` for a job config (name, runs_dir, compute): checkpoints under <runs_dir>/ray (a path or s3:// prefix).
     Returns the state of the last checkpoint and the result; no checkpoint at all is an error."""
+    check_resumable(cfg)
     result = fit(train_loop_per_worker, loop_config, cfg.compute, cfg.name, storage.join(cfg.runs_dir, "ray"))
     if result.checkpoint is None:
         raise RuntimeError(f"training run {cfg.name} produced no checkpoint (error: {result.error})")
