@@ -1,5 +1,6 @@
 """Propagation training as a Ray Train job: stage 1 on static images turned into pseudo-sequences, stage 2 on
-sequences (simulator and labelled real ones) mixed with pseudo-sequences; a checkpoint every epoch; resume by name.
+sequences (simulator and labelled real ones) mixed with pseudo-sequences; after each epoch, batch-norm statistics
+averaged over fresh batches, then a checkpoint; resume by name.
 
 Loss per predicted frame: cross-entropy over (background, objects) plus a soft Dice over the objects present, so
 that small objects (pathology, tools) weigh as much as large ones; both skip IGNORE_INDEX pixels (real frames from a

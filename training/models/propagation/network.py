@@ -21,8 +21,9 @@ _EPS = 1e-7
 class PropagationConfig(BaseModel):
     model_config = {"extra": "forbid"}
 
-    # Measured on vocalfolds seq4 (held out): key_dim 32, value_dim 64, c8 48, c16 96 (86 k parameters) scored
-    # J&F 0.478; these widths (211 k) 0.615 at the same stream speed, whose cost is mostly the per-object decoder.
+    # Measured on vocalfolds seq4 (held out, `make bench-propagate`): key_dim 32, value_dim 64, c4 24, c8 48, c16 96
+    # (86 k parameters) scored J&F 0.478; these widths (211 k) 0.617 at about the same stream speed, whose cost is
+    # mostly the per-object decoder.
     key_dim: int = Field(64, ge=4)
     value_dim: int = Field(96, ge=8)
     c4: int = Field(32, ge=4, description="channels at 1/4")
