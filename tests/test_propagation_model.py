@@ -57,7 +57,7 @@ def test_affinity_is_softmax_of_negative_squared_distance():
 def test_top_k_read_averages_the_k_nearest_memory_positions_per_query():
     torch.manual_seed(2)
     memory, query, values = torch.randn(2, 4, 50), torch.randn(2, 4, 7), torch.randn(2, 3, 6, 50)  # B, N, Dv, M
-    weights = affinity(memory, query)  # (B, Q, M); the top-k read must keep the same order of positions
+    weights = affinity(memory, query)  # (B, Q, M); softmax is monotone, so its top 5 are the similarity's
     best = weights.topk(5, dim=2).indices
     kept = torch.zeros_like(weights).scatter(2, best, 1.0)
     expected = readout(weights * kept / (weights * kept).sum(2, keepdim=True), values)
