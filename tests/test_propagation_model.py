@@ -47,6 +47,29 @@ def test_training_forward_has_gradients(model):
     model.eval()
 
 
+def test_decoder_shares_the_query_skips_across_objects_and_batch_items(model):
+    """The skip convs run once per frame and are broadcast over objects: the result must be the per-object decoder,
+    each object of batch item b fused with item b's features (a wrong broadcast order mixes the two items)."""
+    torch.manual_seed(3)
+    decoder = model.decoder
+    b, n = 2, 3
+    readout = torch.randn(b * n, 16, 4, 6)
+    f16, f8, f4 = torch.randn(b, 24, 4, 6), torch.randn(b, 16, 8, 12), torch.randn(b, 8, 16, 24)
+
+    def per_object_block(block, skip, coarse):
+        up = torch.nn.functional.interpolate(coarse, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        return block.out(block.skip(skip) + up)
+
+    def repeat(x):
+        return x.repeat_interleave(n, dim=0)
+
+    with torch.no_grad():
+        x = decoder.compress(torch.cat([readout, repeat(f16)], dim=1))
+        x = per_object_block(decoder.up4, repeat(f4), per_object_block(decoder.up8, repeat(f8), x))
+        expected = decoder.head(x)
+        assert torch.allclose(decoder(readout, f16, f8, f4), expected, atol=1e-5)
+
+
 def test_affinity_is_softmax_of_negative_squared_distance():
     torch.manual_seed(1)
     memory, query = torch.randn(1, 4, 10), torch.randn(1, 4, 3)

@@ -72,20 +72,25 @@ class ValueEncoder(nn.Module):
 
 
 class UpsampleBlock(nn.Module):
-    """×2 upsampling of the coarse features, fused with a skip connection of the query frame."""
+    """×2 upsampling of the per-object coarse features, fused with a skip connection of the query frame."""
 
     def __init__(self, skip_channels: int, cin: int, cout: int) -> None:
         super().__init__()
         self.skip = nn.Conv2d(skip_channels, cin, 1)
         self.out = SepConv(cin, cout)
 
-    def forward(self, skip: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
-        up = F.interpolate(coarse, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-        return self.out(self.skip(skip) + up)
+    def forward(self, skip_b: torch.Tensor, coarse_bn: torch.Tensor) -> torch.Tensor:
+        """skip (B, C, H, W) of the query frame, coarse (B·N, cin, H/2, W/2) → (B·N, cout, H, W). The skip's conv
+        is the same for every object, so it runs once per frame and is broadcast over the N objects."""
+        b, n = skip_b.shape[0], coarse_bn.shape[0] // skip_b.shape[0]
+        up = F.interpolate(coarse_bn, size=skip_b.shape[-2:], mode="bilinear", align_corners=False)
+        fused = up.reshape(b, n, *up.shape[1:]) + self.skip(skip_b).unsqueeze(1)
+        return self.out(fused.flatten(0, 1))
 
 
 class Decoder(nn.Module):
-    """Per object: memory readout (B·N, Dv, h, w) + query f16/f8/f4 → one mask logit (B·N, 1, H/4, W/4)."""
+    """Per object: memory readout (B·N, Dv, h, w) + the query's f16/f8/f4 (B, ·) → one mask logit (B·N, 1, H/4,
+    W/4)."""
 
     def __init__(self, value_dim: int, c4: int, c8: int, c16: int, width: int) -> None:
         super().__init__()
@@ -95,5 +100,7 @@ class Decoder(nn.Module):
         self.head = nn.Conv2d(width // 2, 1, 3, padding=1)
 
     def forward(self, readout: torch.Tensor, f16: torch.Tensor, f8: torch.Tensor, f4: torch.Tensor) -> torch.Tensor:
-        x = self.compress(torch.cat([readout, f16], dim=1))
+        b, n = f16.shape[0], readout.shape[0] // f16.shape[0]
+        f16_per_object = f16.unsqueeze(1).expand(b, n, *f16.shape[1:]).flatten(0, 1)
+        x = self.compress(torch.cat([readout, f16_per_object], dim=1))
         return self.head(self.up4(f4, self.up8(f8, x)))

@@ -108,11 +108,7 @@ class PropagationNet(nn.Module):
         b, n = memory_values_bndm.shape[:2]
         h, w = key.shape[-2:]
         readout = read(memory_keys_bdm, key.flatten(2), memory_values_bndm, top_k).reshape(b * n, -1, h, w)
-
-        def per_object(x: torch.Tensor) -> torch.Tensor:
-            return x.unsqueeze(1).expand(b, n, *x.shape[1:]).reshape(b * n, *x.shape[1:])
-
-        logits = self.decoder(readout, per_object(f16), per_object(f8), per_object(f4))
+        logits = self.decoder(readout, f16, f8, f4)
         return aggregate(torch.sigmoid(logits.reshape(b, n, *logits.shape[-2:])))
 
 
