@@ -62,7 +62,7 @@ def test_resume_export_and_sequence_parity(trained):
         metadata = graph_metadata(result.graphs[graph])
         assert metadata["endoflow.task"] == "propagation" and metadata["endoflow.graph"] == graph
         assert json.loads(metadata["endoflow.memory"]) == {
-            "mem_every": 5,
+            "mem_every": 2,
             "max_memory": 8,
             "previous_frame": True,
             "top_k": 20,
