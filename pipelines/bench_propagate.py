@@ -1,10 +1,11 @@
 """Propagation benchmark → runs/bench/propagate.json: J&F on simulator sequences and on the vocalfolds sequences
 (first labelled frame given, beside the copy-first-mask baseline), torch/onnxruntime sequence parity, and
 frames/s of the whole stream (encode_key + segment every frame, encode_value every frame with the default policy's
-previous_frame, else every mem_every-th) at 256×256 with 2 CPU threads for torch and for onnxruntime.
+previous_frame, else every mem_every-th) at 256×256 with 2 CPU threads for torch and for onnxruntime. The vocalfolds
+J&F and the onnxruntime frames/s are also given with the policy's flip_average (two mirrored streams averaged).
 
 Without --model it uses runs/artifacts/propagate-bench.pt, training it first when missing (`bench_config`: 1500
-clip batches at 256×256, ~8 min on 2 idle cores, far longer when they are shared; a stopped run resumes) on
+clip batches at 256×256, 25–65 min on 2 cores depending on the machine; a stopped run resumes) on
 simulator data and vocalfolds seq1–3; seq4 is never trained on. Vocalfolds: Laves et al., IJCARS 2019, CC BY 4.0.
 """
 
@@ -77,6 +78,7 @@ def bench_propagate(out: Path, model_path: Path | None, real_root: Path | None, 
     model = propagate_train.load_model(state)
     trained_on = (state["config"]["data"].get("real") or {}).get("sequences") or []
     policy = MemoryPolicy()
+    flipped = policy.model_copy(update={"flip_average": True})  # the offline option, beside the default stream
     torch.set_num_threads(threads)
     size = int(state["config"]["data"]["size"])  # J&F at the training size; frames/s at 256×256
     with tempfile.TemporaryDirectory() as directory:
@@ -89,13 +91,19 @@ def bench_propagate(out: Path, model_path: Path | None, real_root: Path | None, 
         fps = {
             "torch": round(stream_fps(TorchBackend(model, policy.top_k), frames[0], truth[0, 0], policy), 1),
             "onnxruntime": round(stream_fps(onnx, frames[0], truth[0, 0], policy), 1),
+            "onnxruntime_flip_average": round(stream_fps(onnx, frames[0], truth[0, 0], flipped), 1),
             "objects": int(len(np.unique(truth[0, 0])) - (0 in truth[0, 0])),
             "frames": 60,
         }
-        real = None
+        real = real_flipped = None
         if real_root is not None:
             spec = DataSpec(kind="vocalfolds", uri=str(real_root), size=size)
             real = evaluate_sequences(onnx, named_sequences(spec), policy)
+            scored = evaluate_sequences(onnx, named_sequences(spec), flipped)
+            real_flipped = {
+                "mean_jf": scored["mean"]["J&F"],
+                "sequences": {name: scores["J&F"] for name, scores in scored["sequences"].items()},
+            }
             for name, scores in real["sequences"].items():
                 scores["trained_on"] = name.split("/")[-1] in trained_on
             held_out = [s for s in real["sequences"].values() if not s["trained_on"]]
@@ -114,7 +122,9 @@ def bench_propagate(out: Path, model_path: Path | None, real_root: Path | None, 
         "sim_copy_first_mean": sim["copy_first_mean"],
         "real_held_out_mean_jf": real and real["held_out_mean_jf"],
         "real_held_out_copy_first_jf": real and real["held_out_copy_first_jf"],
+        "real_mean_jf": real and real["mean"]["J&F"],
         "real_sequences": real and real["sequences"],
+        "real_flip_average": real_flipped,
         "parity": parity,
         "frames_per_second_256": fps,
         "machine": {

@@ -32,14 +32,24 @@ PreviousFrameOption = Annotated[
     bool, typer.Option(help="the frame just segmented is also read by the next one (a temporary memory entry)")
 ]
 TopKOption = Annotated[int, typer.Option(help="top-k memory read for torch checkpoints (0: all)")]
+FlipAverageOption = Annotated[
+    bool,
+    typer.Option(help="also propagate the mirrored frames (own memory) and average the two; twice the time"),
+]
 ThreadsOption = Annotated[int | None, typer.Option(help="CPU threads for inference")]
 SequencesOption = Annotated[list[str] | None, typer.Option("--sequence", help="vocalfolds sequence, repeatable")]
 
 
-def _policy(mem_every: int, max_memory: int, previous_frame: bool, top_k: int):
+def _policy(mem_every: int, max_memory: int, previous_frame: bool, top_k: int, flip_average: bool = False):
     from training.propagate.inference import MemoryPolicy
 
-    return MemoryPolicy(mem_every=mem_every, max_memory=max_memory, previous_frame=previous_frame, top_k=top_k or None)
+    return MemoryPolicy(
+        mem_every=mem_every,
+        max_memory=max_memory,
+        previous_frame=previous_frame,
+        top_k=top_k or None,
+        flip_average=flip_average,
+    )
 
 
 def _tracking(tracking_uri: str | None) -> str:
@@ -117,6 +127,7 @@ def evaluate(
     max_memory: MaxMemoryOption = 8,
     previous_frame: PreviousFrameOption = True,
     top_k: TopKOption = 20,
+    flip_average: FlipAverageOption = False,
     threads: ThreadsOption = None,
     tracking_uri: TrackingOption = None,
 ) -> None:
@@ -124,7 +135,7 @@ def evaluate(
     from pipelines.propagate_flow import evaluate_sequences, load_backend, locate_model, named_sequences, trained_size
     from training.data.folders import DataError
 
-    policy = _policy(mem_every, max_memory, previous_frame, top_k)
+    policy = _policy(mem_every, max_memory, previous_frame, top_k, flip_average)
     try:
         located = locate_model(model, _tracking(tracking_uri))
         backend = load_backend(located, policy, threads)
@@ -159,6 +170,7 @@ def run(
     max_memory: MaxMemoryOption = 8,
     previous_frame: PreviousFrameOption = True,
     top_k: TopKOption = 20,
+    flip_average: FlipAverageOption = False,
     tracking_uri: TrackingOption = None,
 ) -> None:
     """Propagate: video frames + a key-frame mask → a label PNG per frame (forward, or both ways from a middle key
@@ -166,7 +178,7 @@ def run(
     from pipelines.propagate_flow import load_backend, locate_model, reference_segmenter, trained_size
     from training.data.folders import DataError
 
-    policy = _policy(mem_every, max_memory, previous_frame, top_k)
+    policy = _policy(mem_every, max_memory, previous_frame, top_k, flip_average)
     try:
         located = locate_model(model, _tracking(tracking_uri))
         backend = load_backend(located, policy)
@@ -262,6 +274,7 @@ def pseudo_label(
     key_every: Annotated[int, typer.Option(help="every k-th frame is a key frame")] = 10,
     min_kept: Annotated[float, typer.Option(help="a frame is written if this fraction of it is kept")] = 0.5,
     size: SizeOption = None,
+    flip_average: FlipAverageOption = False,
     check_truth: Annotated[bool, typer.Option(help="vocalfolds: score kept pixels against the annotations")] = True,
     tracking_uri: TrackingOption = None,
 ) -> None:
@@ -278,6 +291,7 @@ def pseudo_label(
     from training.propagate.sequences import labelled_sequences, sequence_names, unlabelled_sequences
 
     cfg = PseudoLabelConfig(threshold=threshold, key_every=key_every, min_kept=min_kept)
+    cfg = cfg.model_copy(update={"memory": cfg.memory.model_copy(update={"flip_average": flip_average})})
     try:
         located = locate_model(model, _tracking(tracking_uri))
         backend = load_backend(located, cfg.memory)

@@ -117,6 +117,11 @@ def test_evaluate_cli_on_a_folder_of_sequences(trained, tmp_path):
     report = json.loads(out.read_text())
     assert set(report["sequences"]) == {"seq0", "seq1"}
     assert 0 <= report["mean"]["J&F"] <= 1 and 0 <= report["copy_first_mean"]["J&F"] <= 1
+    flipped = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "flip.json"), "--size", "64", "--flip-average"])
+    assert flipped.exit_code == 0, flipped.output
+    flip_report = json.loads((tmp_path / "flip.json").read_text())
+    assert flip_report["policy"]["flip_average"] is True and report["policy"]["flip_average"] is False
+    assert 0 <= flip_report["mean"]["J&F"] <= 1 and flip_report["copy_first_mean"] == report["copy_first_mean"]
     missing = CliRunner().invoke(app, [*args[:4], str(tmp_path / "nope.pt"), *args[4:]])
     assert missing.exit_code == 2 and "nope.pt" in missing.output
 

@@ -136,6 +136,28 @@ def test_previous_frame_is_a_temporary_entry(model):
         assert np.array_equal(backend.memory_keys[t - 1][-1], backend.query_keys[t - 2][0])
 
 
+def test_flip_average_is_mirror_symmetric(model):
+    """Two streams (frames and mirrored frames, each with its own memory) averaged: mirroring the input mirrors the
+    output, which the network alone does not do; a probability flipped back the wrong way would break it. (Up to
+    rounding: the same values at another address may take another SIMD path, and this untrained net's object
+    probabilities nearly tie, so the winning probabilities are compared rather than the labels.)"""
+    rng = np.random.default_rng(3)
+    frames = rng.integers(0, 255, (7, 32, 48, 3), dtype=np.uint8)
+    mask = np.zeros((32, 48), np.uint8)
+    mask[4:14, 2:20], mask[18:30, 30:44] = 1, 2
+    mirrored_frames, mirrored_mask = np.ascontiguousarray(frames[:, :, ::-1]), np.ascontiguousarray(mask[:, ::-1])
+    backend = TorchBackend(model, None)
+    for flip_average in (True, False):
+        policy = MemoryPolicy(mem_every=2, max_memory=3, flip_average=flip_average)
+        labels, confidence = propagate(backend, frames, mask, policy)
+        mirrored, mirrored_confidence = propagate(backend, mirrored_frames, mirrored_mask, policy)
+        asymmetry = np.abs(mirrored_confidence - confidence[:, :, ::-1]).max()
+        if flip_average:
+            assert asymmetry < 1e-5 and (labels[0] == mask).all() and (mirrored[0] == mirrored_mask).all()
+        else:
+            assert asymmetry > 1e-3
+
+
 def test_bidirectional_from_a_middle_key_frame(model):
     rng = np.random.default_rng(1)
     frames = rng.integers(0, 255, (9, 32, 32, 3), dtype=np.uint8)

@@ -126,7 +126,8 @@ def propagation_metadata(
         "endoflow.dims": json.dumps(
             {"key": cfg.key_dim, "value": cfg.value_dim, "f16": cfg.c16, "f8": cfg.c8, "f4": cfg.c4}
         ),
-        "endoflow.memory": policy.model_dump_json(),
+        # flip_average is an offline option of training/propagate/inference.py, not part of the streaming contract.
+        "endoflow.memory": policy.model_dump_json(exclude={"flip_average"}),
         "endoflow.source_run_id": run_id or "",
         "endoflow.model_config": cfg.model_dump_json(),
     }

@@ -28,12 +28,15 @@ class MemoryPolicy(StrictModel):
     temporary entry replaced at the next step (as in STM); training clips always have it in memory, so inference
     without it reads a memory unlike the one the network learnt from. top_k: each query position reads its k best
     memory positions. mem_every 2 rather than 5: on vocalfolds seq1–3 J&F 0.766 against 0.716 (bench model), 0.750
-    against 0.724 (a wider one), at about the same speed, as the memory stays bounded."""
+    against 0.724 (a wider one), at about the same speed, as the memory stays bounded. flip_average: a second stream
+    with its own memory runs on the mirrored frames, and every frame takes the mean of both streams' probabilities
+    (test-time augmentation at twice the cost; an offline option, not part of the graphs' streaming contract)."""
 
     mem_every: int = Field(2, ge=1)
     max_memory: int = Field(8, ge=1)
     previous_frame: bool = True
     top_k: int | None = Field(20, ge=1)
+    flip_average: bool = False
 
 
 # A "backend" turns the three graph calls into numpy in, numpy out, so torch and onnxruntime streams share this code.
@@ -82,6 +85,49 @@ def one_hot(labels_hw: np.ndarray, objects: Sequence[int]) -> np.ndarray:
     return np.stack([(labels_hw == o) for o in objects])[:, None].astype(np.float32)
 
 
+class MemoryStream:
+    """One view's bounded memory over a stream: frames go in (mirrored when `mirrored`), probabilities come out in
+    the frames' own orientation, and `remember` stores a frame with the probabilities finally chosen for it."""
+
+    def __init__(self, backend, policy: MemoryPolicy, mirrored: bool = False) -> None:
+        self.backend, self.policy, self.mirrored = backend, policy, mirrored
+        self.memory: list[tuple[np.ndarray, np.ndarray]] = []
+        self.previous: tuple[np.ndarray, np.ndarray] | None = None  # the last frame when it is not in `memory`
+        self.query: tuple[np.ndarray, ...] = ()
+
+    def _view(self, array: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(array[..., ::-1]) if self.mirrored else array
+
+    def start(self, image: np.ndarray, masks_n1hw: np.ndarray) -> None:
+        image = self._view(image)
+        key, f16, _, _ = self.backend.encode_key(image)
+        self.memory = [(key, self.backend.encode_value(image, f16, self._view(masks_n1hw)))]
+
+    def read(self, image: np.ndarray) -> np.ndarray:
+        """Probabilities (1, N + 1, H, W) of a new frame from the memory (and the previous frame)."""
+        image = self._view(image)
+        key, f16, f8, f4 = self.backend.encode_key(image)
+        read = self.memory if self.previous is None else [*self.memory, self.previous]
+        memory_keys = np.concatenate([k for k, _ in read], axis=0)
+        memory_values = np.stack([v for _, v in read], axis=1)
+        self.query = (image, key, f16)
+        return self._view(self.backend.segment(key, f16, f8, f4, memory_keys, memory_values))
+
+    def remember(self, t: int, probs: np.ndarray) -> None:
+        """After frame t was read: keep it (every mem_every-th frame) or hold it as the temporary previous entry."""
+        image, key, f16 = self.query
+        self.previous, keep = None, t % self.policy.mem_every == 0
+        if keep or self.policy.previous_frame:
+            masks = np.ascontiguousarray(self._view(probs)[0, 1:, None])
+            entry = (key, self.backend.encode_value(image, f16, masks))
+            if keep:
+                self.memory.append(entry)
+                if len(self.memory) > self.policy.max_memory:
+                    del self.memory[1]  # the key frame stays
+            else:
+                self.previous = entry
+
+
 def propagate(
     backend,
     frames_thw3: np.ndarray,
@@ -98,28 +144,17 @@ def propagate(
     if not objects:
         return labels, confidence
     lookup = np.array([0, *objects], np.uint8)
-    image = prepare_frame(frames_thw3[0])
-    key, f16, _, _ = backend.encode_key(image)
-    memory = [(key, backend.encode_value(image, f16, one_hot(labels[0], objects)))]
-    previous = None  # (key, value) of the last frame when it is not in `memory`
+    views = [False, True] if policy.flip_average else [False]
+    streams = [MemoryStream(backend, policy, mirrored) for mirrored in views]
+    for stream in streams:
+        stream.start(prepare_frame(frames_thw3[0]), one_hot(labels[0], objects))
     for t in range(1, len(frames_thw3)):
         image = prepare_frame(frames_thw3[t])
-        key, f16, f8, f4 = backend.encode_key(image)
-        read = memory if previous is None else [*memory, previous]
-        memory_keys = np.concatenate([k for k, _ in read], axis=0)
-        memory_values = np.stack([v for _, v in read], axis=1)
-        probs = backend.segment(key, f16, f8, f4, memory_keys, memory_values)
+        probs = sum(stream.read(image) for stream in streams) / len(streams)
         labels[t] = lookup[probs[0].argmax(0)]
         confidence[t] = probs[0].max(0)
-        previous, keep = None, t % policy.mem_every == 0
-        if keep or policy.previous_frame:
-            entry = (key, backend.encode_value(image, f16, np.ascontiguousarray(probs[0, 1:, None])))
-            if keep:
-                memory.append(entry)
-                if len(memory) > policy.max_memory:
-                    del memory[1]  # the key frame stays
-            else:
-                previous = entry
+        for stream in streams:
+            stream.remember(t, probs)
     return labels, confidence
 
 
