@@ -14,10 +14,11 @@ app = typer.Typer(no_args_is_help=True, help="Mask propagation (STCN-style space
 console = Console()
 
 ModelOption = Annotated[
-    str,
+    list[str],
     typer.Option(
         help="torch checkpoint .pt, ONNX graph (or their directory), or models:/NAME@ALIAS | models:/NAME/VERSION: "
-        "the graphs `propagate train --register NAME@ALIAS` registered"
+        "the graphs `propagate train --register NAME@ALIAS` registered; repeat it for an ensemble (probabilities "
+        "averaged every frame, each model with its own memory)"
     ),
 ]
 TrackingOption = Annotated[
@@ -132,18 +133,16 @@ def evaluate(
     tracking_uri: TrackingOption = None,
 ) -> None:
     """Per sequence: the first labelled frame given, the rest propagated; J, F, J&F and the copy-first baseline."""
-    from pipelines.propagate_flow import evaluate_sequences, load_backend, locate_model, named_sequences, trained_size
+    from pipelines.propagate_flow import evaluate_sequences, load_backends, named_sequences
     from training.data.folders import DataError
 
     policy = _policy(mem_every, max_memory, previous_frame, top_k, flip_average)
     try:
-        located = locate_model(model, _tracking(tracking_uri))
-        backend = load_backend(located, policy, threads)
-        size = size or trained_size(located)
+        backend, size = load_backends(model, policy, size, threads, _tracking(tracking_uri))
         report = evaluate_sequences(backend, named_sequences(_spec(data, layout, sequences, size)), policy)
     except (DataError, FileNotFoundError, ValueError) as exc:
         _fail(exc)
-    report |= {"model": model, "data": str(data), "layout": layout, "size": size}
+    report |= {"model": model[0] if len(model) == 1 else model, "data": str(data), "layout": layout, "size": size}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     for name, scores in report["sequences"].items():
@@ -175,14 +174,12 @@ def run(
 ) -> None:
     """Propagate: video frames + a key-frame mask → a label PNG per frame (forward, or both ways from a middle key
     frame); a CT volume + annotated key slices → a NIfTI label volume (both directions through the slices)."""
-    from pipelines.propagate_flow import load_backend, locate_model, reference_segmenter, trained_size
+    from pipelines.propagate_flow import load_backends, reference_segmenter
     from training.data.folders import DataError
 
     policy = _policy(mem_every, max_memory, previous_frame, top_k, flip_average)
     try:
-        located = locate_model(model, _tracking(tracking_uri))
-        backend = load_backend(located, policy)
-        size = size or trained_size(located)
+        backend, size = load_backends(model, policy, size, None, _tracking(tracking_uri))
         if input.name.endswith((".nii", ".nii.gz")):
             written = _run_volume(backend, input, labels, key_slices, out, policy, size)
         else:
@@ -279,7 +276,7 @@ def pseudo_label(
     tracking_uri: TrackingOption = None,
 ) -> None:
     """The segmenter labels key frames, propagation fills the rest, agreeing pixels are kept (others: keep/ = 0)."""
-    from pipelines.propagate_flow import load_backend, locate_model, reference_segmenter, trained_size
+    from pipelines.propagate_flow import load_backends, reference_segmenter
     from training.data.folders import DataError, folder_index, vocalfolds_index
     from training.data.sources import DataSpec
     from training.propagate.pseudo_labels import (
@@ -293,9 +290,7 @@ def pseudo_label(
     cfg = PseudoLabelConfig(threshold=threshold, key_every=key_every, min_kept=min_kept)
     cfg = cfg.model_copy(update={"memory": cfg.memory.model_copy(update={"flip_average": flip_average})})
     try:
-        located = locate_model(model, _tracking(tracking_uri))
-        backend = load_backend(located, cfg.memory)
-        size = size or trained_size(located)
+        backend, size = load_backends(model, cfg.memory, size, None, _tracking(tracking_uri))
         reference = reference_segmenter(segmenter, _tracking(tracking_uri))
         index = (
             vocalfolds_index(str(data), sequences=sequences, labelled=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,6 +118,23 @@ def load_backend(
     if threads:
         torch.set_num_threads(threads)
     return TorchBackend(propagate_train.load_model(state), policy.top_k)
+
+
+def load_backends(
+    models: Sequence[str], policy: MemoryPolicy, size: int | None, threads: int | None, tracking_uri: str | None
+) -> tuple[object, int]:
+    """The backend of one --model, or the list of several (an ensemble, see inference.propagate), and the frame
+    side to run at: `size`, else the models' training size, which must then agree."""
+    if not models:
+        raise ValueError("--model: give at least one propagation model")
+    located = [locate_model(model, tracking_uri) for model in models]
+    backends = [load_backend(model, policy, threads) for model in located]
+    if size is None:
+        sizes = {model: trained_size(found) for model, found in zip(models, located, strict=True)}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"--model: trained at different sizes {sizes}; choose one with --size")
+        size = next(iter(sizes.values()))
+    return (backends[0] if len(backends) == 1 else backends), size
 
 
 def trained_size(model: str | Path | ExportedGraphs, tracking_uri: str | None = None) -> int:

@@ -122,6 +122,12 @@ def test_evaluate_cli_on_a_folder_of_sequences(trained, tmp_path):
     flip_report = json.loads((tmp_path / "flip.json").read_text())
     assert flip_report["policy"]["flip_average"] is True and report["policy"]["flip_average"] is False
     assert 0 <= flip_report["mean"]["J&F"] <= 1 and flip_report["copy_first_mean"] == report["copy_first_mean"]
+    # the graphs and the checkpoint of one model as a two-member ensemble: the same masks up to rounding
+    both = [*args, "--model", str(result.model_path), "--out", str(tmp_path / "both.json"), "--size", "64"]
+    assert CliRunner().invoke(app, both).exit_code == 0
+    ensemble = json.loads((tmp_path / "both.json").read_text())
+    assert ensemble["model"] == [str(onnx_dir), str(result.model_path)]
+    assert ensemble["mean"]["J&F"] == pytest.approx(report["mean"]["J&F"], abs=0.02)
     missing = CliRunner().invoke(app, [*args[:4], str(tmp_path / "nope.pt"), *args[4:]])
     assert missing.exit_code == 2 and "nope.pt" in missing.output
 

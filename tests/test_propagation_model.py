@@ -158,6 +158,24 @@ def test_flip_average_is_mirror_symmetric(model):
             assert asymmetry > 1e-3
 
 
+def test_an_ensemble_averages_its_members_streams(model):
+    """A list of backends: each keeps its own memory and the frame takes the mean; a model twice is that model."""
+    rng = np.random.default_rng(4)
+    frames = rng.integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[6:20, 4:18] = 1
+    torch.manual_seed(1)
+    other = TorchBackend(PropagationNet(SMALL).eval(), None)
+    single, single_confidence = propagate(TorchBackend(model, None), frames, mask, MemoryPolicy())
+    twice, twice_confidence = propagate([TorchBackend(model, None)] * 2, frames, mask, MemoryPolicy())
+    assert np.array_equal(twice, single) and np.array_equal(twice_confidence, single_confidence)
+    counting = CountingBackend(model, top_k=None)
+    _, mixed_confidence = propagate([counting, other], frames, mask, MemoryPolicy())
+    _, other_confidence = propagate(other, frames, mask, MemoryPolicy())
+    assert len(counting.memory_sizes) == 5  # every later frame read once from this member's own memory
+    assert not np.allclose(mixed_confidence, single_confidence) and not np.allclose(mixed_confidence, other_confidence)
+
+
 def test_bidirectional_from_a_middle_key_frame(model):
     rng = np.random.default_rng(1)
     frames = rng.integers(0, 255, (9, 32, 32, 3), dtype=np.uint8)

@@ -136,7 +136,8 @@ def propagate(
     objects: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Stream frames[0] (with its given labels) → frames[-1]: label maps (T, H, W) uint8 and the winning class's
-    probability (T, H, W) float32 (1 on the key frame)."""
+    probability (T, H, W) float32 (1 on the key frame). `backend` may be a list of backends (an ensemble): each runs
+    its own streams, and every frame takes the mean of all the streams' probabilities."""
     objects = [int(o) for o in (objects if objects is not None else np.unique(key_labels_hw)) if o != 0]
     labels = np.zeros(frames_thw3.shape[:3], np.uint8)
     confidence = np.ones(frames_thw3.shape[:3], np.float32)
@@ -144,8 +145,9 @@ def propagate(
     if not objects:
         return labels, confidence
     lookup = np.array([0, *objects], np.uint8)
+    backends = list(backend) if isinstance(backend, list | tuple) else [backend]
     views = [False, True] if policy.flip_average else [False]
-    streams = [MemoryStream(backend, policy, mirrored) for mirrored in views]
+    streams = [MemoryStream(member, policy, mirrored) for member in backends for mirrored in views]
     for stream in streams:
         stream.start(prepare_frame(frames_thw3[0]), one_hot(labels[0], objects))
     for t in range(1, len(frames_thw3)):
