@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -41,6 +42,7 @@ def tiny_job(tmp_path, epochs: int) -> PropagateJobConfig:
         "compute.cpus_per_worker=1",
         "compute.batch_size=2",
         f"compute.epochs={epochs}",
+        "weight_average_decay=0.5",  # tiny runs: a decay that leaves the average visibly apart from the weights
     ]
     return load_config(PropagateJobConfig, None, overrides)
 
@@ -69,8 +71,15 @@ def test_resume_export_and_sequence_parity(trained):
         }
         assert json.loads(metadata["endoflow.input_size"]) == [64, 64]
         assert json.loads(metadata["endoflow.class_names"])[1] == "vocal_folds"
-    state = __import__("torch").load(result.model_path, weights_only=False)
+    state = torch.load(result.model_path, weights_only=False)
     assert state["config"]["compute"]["epochs"] == 2
+    # The exported model is the weight average, resumed with the run; the checkpoint keeps the trained weights too.
+    last = sorted(p for p in (tmp_path / "ray" / "tiny").glob("checkpoint_*") if p.is_dir())[-1] / "state.pt"
+    checkpoint = torch.load(last, weights_only=False)
+    assert checkpoint["epoch"] == 1 and set(checkpoint["model"]) == set(checkpoint["trained_model"])
+    assert all(torch.equal(value, checkpoint["model"][name]) for name, value in state["model"].items())
+    weights = [n for n, v in checkpoint["model"].items() if v.is_floating_point() and "running" not in n]
+    assert any(not torch.equal(checkpoint["model"][n], checkpoint["trained_model"][n]) for n in weights)
     # A longer sequence at another size, with a memory that fills and rolls over. This barely trained model's
     # object probabilities often tie exactly, so its argmax (hence J&F) may flip on rounding: compare probabilities.
     frames, truth = simulate_sequences(1, 16, seed=5, style="real-like", size=96)

@@ -71,6 +71,13 @@ class PropagateJobConfig(StrictModel):
         description="after each epoch, batch-norm statistics averaged over this many batches (at most "
         "steps_per_epoch; 0 = keep the running estimates)",
     )
+    weight_average_decay: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="exponential moving average of the weights at this decay per step: what is evaluated, "
+        "checkpointed and exported (its batch-norm statistics recomputed); None = the trained weights",
+    )
     val: DataSpec | None = Field(None, description="labelled sequences scored by J&F (first frame given) each epoch")
     model: PropagationConfig = PropagationConfig()
     memory: MemoryPolicy = MemoryPolicy()
