@@ -71,7 +71,7 @@ images:
 		exit 1; \
 	fi
 
-# --- mask propagation: trains runs/artifacts/propagate-bench.pt first if it is missing (~15-20 min on 2 cores) ---
+# --- mask propagation: trains runs/artifacts/propagate-bench.pt first if it is missing (~50 min on 2 idle cores) ---
 .PHONY: bench-propagate
 
 bench-propagate: $(STAMP)

@@ -4,8 +4,8 @@ frames/s of the whole stream (encode_key + segment every frame, encode_value eve
 previous_frame, else every mem_every-th) at 256×256 with 2 CPU threads for torch and for onnxruntime. The vocalfolds
 J&F and the onnxruntime frames/s are also given with the policy's flip_average (two mirrored streams averaged).
 
-Without --model it uses runs/artifacts/propagate-bench.pt, training it first when missing (`bench_config`: 1500
-clip batches at 256×256, 25–65 min on 2 cores depending on the machine; a stopped run resumes) on
+Without --model it uses runs/artifacts/propagate-bench.pt, training it first when missing (`bench_config`: 3000
+clip batches at 256×256, about 50 min on 2 idle cores, more on slower or shared ones; a stopped run resumes) on
 simulator data and vocalfolds seq1–3; seq4 is never trained on. Vocalfolds: Laves et al., IJCARS 2019, CC BY 4.0.
 """
 
@@ -43,9 +43,9 @@ def bench_config(real_root: Path | None, runs_dir: str = "runs") -> PropagateJob
         "data.sim_frames=400",
         "data.sim_sequences=32",
         "deform.elastic=0.04",
-        "stage1_epochs=3",
+        "stage1_epochs=6",
         "steps_per_epoch=150",
-        "compute.epochs=10",
+        "compute.epochs=20",
     ]
     if real_root is not None and (real_root / "img").is_dir():
         overrides.append(f"data.real={{kind: vocalfolds, uri: {real_root}, sequences: [{', '.join(TRAIN_SEQUENCES)}]}}")
