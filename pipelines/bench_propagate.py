@@ -98,8 +98,9 @@ def bench_propagate(out: Path, model_path: Path | None, real_root: Path | None, 
         real = real_flipped = None
         if real_root is not None:
             spec = DataSpec(kind="vocalfolds", uri=str(real_root), size=size)
-            real = evaluate_sequences(onnx, named_sequences(spec), policy)
-            scored = evaluate_sequences(onnx, named_sequences(spec), flipped)
+            sequences = named_sequences(spec)
+            real = evaluate_sequences(onnx, sequences, policy)
+            scored = evaluate_sequences(onnx, sequences, flipped)
             real_flipped = {
                 "mean_jf": scored["mean"]["J&F"],
                 "sequences": {name: scores["J&F"] for name, scores in scored["sequences"].items()},
