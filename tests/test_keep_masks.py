@@ -19,9 +19,9 @@ from training.data.simulator import simulate_frames
 from training.data.sources import DataSpec, load_data
 from training.metrics import SegmentationScores
 from training.models.unet import Segmenter, UNetConfig
+from training.propagate.losses import clip_loss
 from training.propagate.pseudo_labels import PseudoLabelConfig, SequencePseudoLabels, write_pseudo_dataset
 from training.propagate.sequences import labelled_sequences
-from training.propagate.train import clip_loss
 from training.segment.config import AugmentConfig
 from training.segment.predict import predict_labels, score
 from training.segment.train import augment, masked_cross_entropy

@@ -2,10 +2,8 @@
 sequences (simulator and labelled real ones) mixed with pseudo-sequences; after each epoch, batch-norm statistics
 averaged over fresh batches, then a checkpoint; resume by name.
 
-Loss per predicted frame: cross-entropy over (background, objects) plus a soft Dice over the objects present, so
-that small objects (pathology, tools) weigh as much as large ones; both skip IGNORE_INDEX pixels (real frames from a
-pseudo-label set's keep/ masks). `run(config)` is the driver side; `train_loop_per_worker` runs on each Ray Train
-worker.
+The loss is losses.clip_loss over every predicted frame. `run(config)` is the driver side;
+`train_loop_per_worker` runs on each Ray Train worker.
 """
 
 from __future__ import annotations
@@ -16,43 +14,17 @@ from functools import partial
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from ray.train.torch import prepare_model
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from training import loop
-from training.data.classes import IGNORE_INDEX
 from training.data.normalize import normalize
 from training.models.propagation.network import PropagationNet
 from training.propagate.config import PropagateJobConfig
 from training.propagate.inference import TorchBackend, propagate
+from training.propagate.losses import clip_loss, first_masks
 from training.propagate.sequences import ClipPools, build_pools, labelled_sequences, sample_clips
 from training.propagation_metrics import j_and_f
-from training.segment.train import masked_cross_entropy
-
-
-def clip_loss(logits_bknhw: torch.Tensor, labels_bkhw: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy + soft Dice of the objects present in the truth, over every predicted frame and every pixel
-    not labelled IGNORE_INDEX."""
-    classes = logits_bknhw.shape[2]
-    logits = logits_bknhw.flatten(0, 1)
-    labels = labels_bkhw.flatten(0, 1)
-    ce = masked_cross_entropy(logits, labels)
-    valid = (labels != IGNORE_INDEX).unsqueeze(1)  # (B·K, 1, H, W): ignored pixels leave both Dice sums
-    probs = logits.softmax(1)[:, 1:] * valid
-    truth = F.one_hot(labels.masked_fill(~valid[:, 0], 0), classes).permute(0, 3, 1, 2)[:, 1:].float() * valid
-    present = truth.flatten(2).sum(2) > 0
-    overlap = (probs * truth).flatten(2).sum(2)
-    total = (probs + truth).flatten(2).sum(2)
-    soft_dice = (2 * overlap + 1) / (total + 1)
-    dice_loss = (1 - soft_dice)[present].mean() if present.any() else logits.sum() * 0
-    return ce + dice_loss
-
-
-def first_masks(labels_bkhw: torch.Tensor, objects: int) -> torch.Tensor:
-    """(B, N, H, W) float one-hot of objects 1..N in each clip's first frame (IGNORE_INDEX pixels: no object)."""
-    first = labels_bkhw[:, 0]
-    return F.one_hot(first.masked_fill(first == IGNORE_INDEX, 0), objects + 1).permute(0, 3, 1, 2)[:, 1:].float()
 
 
 def draw_clips(
