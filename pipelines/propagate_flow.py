@@ -35,6 +35,7 @@ from training.propagate.export import (
     load_graphs,
 )
 from training.propagate.inference import MemoryPolicy, TorchBackend, propagate
+from training.propagate.key_frame_tuning import KeyFrameTuner, KeyFrameTuning
 from training.propagate.pseudo_labels import OnnxReferenceSegmenter
 from training.propagate.sequences import labelled_sequences, sequence_names
 from training.propagation_metrics import j_and_f
@@ -135,6 +136,21 @@ def load_backends(
             raise ValueError(f"--model: trained at different sizes {sizes}; choose one with --size")
         size = next(iter(sizes.values()))
     return (backends[0] if len(backends) == 1 else backends), size
+
+
+def with_key_frame_tuning(backend, tuning: KeyFrameTuning | None, report=None):
+    """The backend (or ensemble) with every member tuned on each key frame it streams from (key_frame_tuning), or
+    unchanged when `tuning` is None. Tuning needs gradients: only torch checkpoints can be tuned."""
+    if tuning is None:
+        return backend
+    members = list(backend) if isinstance(backend, list | tuple) else [backend]
+    if not all(isinstance(member, TorchBackend) for member in members):
+        raise ValueError(
+            "--tune-steps: key-frame tuning trains the network, so --model must be torch checkpoints (.pt); "
+            "ONNX graphs and models:/ refs cannot be tuned"
+        )
+    tuners = [KeyFrameTuner(member.model, tuning, member.top_k, report) for member in members]
+    return tuners[0] if len(tuners) == 1 else tuners
 
 
 def trained_size(model: str | Path | ExportedGraphs, tracking_uri: str | None = None) -> int:

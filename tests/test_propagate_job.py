@@ -141,6 +141,21 @@ def test_evaluate_cli_on_a_folder_of_sequences(trained, tmp_path):
     assert missing.exit_code == 2 and "nope.pt" in missing.output
 
 
+def test_evaluate_cli_with_key_frame_tuning(trained, tmp_path):
+    _, result = trained
+    frames, truth = simulate_sequences(1, 4, seed=5, style="real-like", size=64)
+    write_folder_dataset(str(tmp_path / "data"), frames[0], truth[0], [f"seq0/{t:03d}" for t in range(4)])
+    args = ["propagate", "evaluate", "--data", str(tmp_path / "data"), "--layout", "folder", "--tune-steps", "2"]
+    out = tmp_path / "tuned.json"
+    run = CliRunner().invoke(app, [*args, "--model", str(result.model_path), "--out", str(out)])
+    assert run.exit_code == 0, run.output
+    assert "key-frame tuning step 2/2" in run.output
+    report = json.loads(out.read_text())
+    assert report["key_frame_tuning"]["steps"] == 2 and 0 <= report["mean"]["J&F"] <= 1
+    onnx = CliRunner().invoke(app, [*args, "--model", str(result.graphs["segment"].parent)])
+    assert onnx.exit_code == 2 and "--tune-steps" in onnx.output and ".pt" in onnx.output
+
+
 def test_evaluate_cli_on_vocalfolds(trained, tmp_path, vocalfolds_root):
     _, result = trained
     out = tmp_path / "vf.json"

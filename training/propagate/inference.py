@@ -137,7 +137,8 @@ def propagate(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Stream frames[0] (with its given labels) → frames[-1]: label maps (T, H, W) uint8 and the winning class's
     probability (T, H, W) float32 (1 on the key frame). `backend` may be a list of backends (an ensemble): each runs
-    its own streams, and every frame takes the mean of all the streams' probabilities."""
+    its own streams, and every frame takes the mean of all the streams' probabilities. A member with a `tuned_for`
+    method (key_frame_tuning.KeyFrameTuner) is asked for the backend to use from this key frame."""
     objects = [int(o) for o in (objects if objects is not None else np.unique(key_labels_hw)) if o != 0]
     labels = np.zeros(frames_thw3.shape[:3], np.uint8)
     confidence = np.ones(frames_thw3.shape[:3], np.float32)
@@ -145,7 +146,10 @@ def propagate(
     if not objects:
         return labels, confidence
     lookup = np.array([0, *objects], np.uint8)
-    backends = list(backend) if isinstance(backend, list | tuple) else [backend]
+    backends = [
+        member.tuned_for(frames_thw3[0], labels[0], objects) if hasattr(member, "tuned_for") else member
+        for member in (backend if isinstance(backend, list | tuple) else [backend])
+    ]
     views = [False, True] if policy.flip_average else [False]
     streams = [MemoryStream(member, policy, mirrored) for member in backends for mirrored in views]
     for stream in streams:
