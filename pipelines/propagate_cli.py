@@ -45,6 +45,15 @@ TuneStepsOption = Annotated[
         min=0,
     ),
 ]
+GuideWeightOption = Annotated[
+    float,
+    typer.Option(
+        help="with --segmenter: mix its class probabilities into every propagated frame with this weight before the "
+        "frame is labelled and remembered (0: off), so a region that left the view is recognised when it comes back",
+        min=0.0,
+        max=1.0,
+    ),
+]
 TuneLrOption = Annotated[float, typer.Option(help="key-frame tuning learning rate (AdamW)", min=0.0)]
 ThreadsOption = Annotated[int | None, typer.Option(help="CPU threads for inference")]
 SequencesOption = Annotated[list[str] | None, typer.Option("--sequence", help="vocalfolds sequence, repeatable")]
@@ -75,6 +84,15 @@ def _tuning(steps: int, learning_rate: float):
         console.print(f"  key-frame tuning step {step}/{steps} loss {loss:.4f}")
 
     return KeyFrameTuning(steps=steps, learning_rate=learning_rate), report
+
+
+def _guide_segmenter(segmenter: str | None, guide_weight: float, tracking_uri: str | None, threads: int | None = None):
+    """The --segmenter's ONNX (None without one); --guide-weight needs one."""
+    from pipelines.propagate_flow import reference_segmenter
+
+    if guide_weight > 0 and not segmenter:
+        raise ValueError(f"--guide-weight {guide_weight} mixes a segmenter's probabilities in: give --segmenter ONNX")
+    return reference_segmenter(segmenter, _tracking(tracking_uri), threads) if segmenter else None
 
 
 def _tracking(tracking_uri: str | None) -> str:
@@ -155,6 +173,11 @@ def evaluate(
     flip_average: FlipAverageOption = False,
     tune_steps: TuneStepsOption = 0,
     tune_lr: TuneLrOption = 1e-4,
+    segmenter: Annotated[
+        str | None,
+        typer.Option(help="segmentation ONNX (file, directory or models:/ ref): scored alone beside propagation"),
+    ] = None,
+    guide_weight: GuideWeightOption = 0.0,
     threads: ThreadsOption = None,
     tracking_uri: TrackingOption = None,
 ) -> None:
@@ -167,7 +190,10 @@ def evaluate(
     try:
         backend, size = load_backends(model, policy, size, threads, _tracking(tracking_uri))
         backend = with_key_frame_tuning(backend, tuning, report)
-        report = evaluate_sequences(backend, named_sequences(_spec(data, layout, sequences, size)), policy)
+        guide = _guide_segmenter(segmenter, guide_weight, tracking_uri, threads)
+        report = evaluate_sequences(
+            backend, named_sequences(_spec(data, layout, sequences, size)), policy, guide, guide_weight
+        )
     except (DataError, FileNotFoundError, ValueError) as exc:
         _fail(exc)
     report |= {"model": model[0] if len(model) == 1 else model, "data": str(data), "layout": layout, "size": size}
@@ -175,7 +201,8 @@ def evaluate(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     for name, scores in report["sequences"].items():
-        console.print(f"{name}: J&F {scores['J&F']:.4f} (copy-first {scores['copy_first']['J&F']:.4f})")
+        alone = f", segmenter alone {scores['segmenter_only']['J&F']:.4f}" if segmenter else ""
+        console.print(f"{name}: J&F {scores['J&F']:.4f} (copy-first {scores['copy_first']['J&F']:.4f}{alone})")
     mean, base = report["mean"], report["copy_first_mean"]
     console.print(f"mean J&F {mean['J&F']:.4f} J {mean['J']:.4f} F {mean['F']:.4f} (copy-first J&F {base['J&F']:.4f})")
     console.print(f"report: {out}")
@@ -201,11 +228,12 @@ def run(
     flip_average: FlipAverageOption = False,
     tune_steps: TuneStepsOption = 0,
     tune_lr: TuneLrOption = 1e-4,
+    guide_weight: GuideWeightOption = 0.0,
     tracking_uri: TrackingOption = None,
 ) -> None:
     """Propagate: video frames + a key-frame mask → a label PNG per frame (forward, or both ways from a middle key
     frame); a CT volume + annotated key slices → a NIfTI label volume (both directions through the slices)."""
-    from pipelines.propagate_flow import load_backends, reference_segmenter, with_key_frame_tuning
+    from pipelines.propagate_flow import load_backends, with_key_frame_tuning
     from training.data.folders import DataError
 
     policy = _policy(mem_every, max_memory, previous_frame, top_k, flip_average)
@@ -214,22 +242,25 @@ def run(
         backend, size = load_backends(model, policy, size, None, _tracking(tracking_uri))
         backend = with_key_frame_tuning(backend, tuning, report)
         if input.name.endswith((".nii", ".nii.gz")):
+            if guide_weight > 0:
+                raise ValueError("--guide-weight applies to video frames; CT volumes propagate from their key slices")
             written = _run_volume(backend, input, labels, key_slices, out, policy, size)
         else:
-            labeller = reference_segmenter(segmenter, _tracking(tracking_uri)) if segmenter and not mask else None
-            written = _run_video(backend, input, mask, labeller, key_index, out, policy, size)
+            labeller = _guide_segmenter(segmenter, guide_weight, tracking_uri)
+            written = _run_video(backend, input, mask, labeller, key_index, out, policy, size, guide_weight)
     except (DataError, FileNotFoundError, ValueError) as exc:
         _fail(exc)
     console.print(f"wrote {written}")
 
 
-def _run_video(backend, folder, mask, segmenter, key_index, out, policy, size) -> str:
-    """segmenter: None, or a callable frames → probabilities (OnnxReferenceSegmenter) labelling the key frame."""
+def _run_video(backend, folder, mask, segmenter, key_index, out, policy, size, guide_weight: float = 0.0) -> str:
+    """segmenter: None, or a callable frames → probabilities (OnnxReferenceSegmenter) labelling the key frame when
+    there is no mask, and guiding every frame when guide_weight > 0."""
     import numpy as np
 
     from training.data import storage
     from training.data.folders import IMAGE_SUFFIXES, _png, load_image, load_mask
-    from training.propagate.inference import propagate_both_ways, resize_frames, resize_labels
+    from training.propagate.inference import SegmenterGuide, propagate_both_ways, resize_frames, resize_labels
 
     files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
     if not files:
@@ -244,7 +275,8 @@ def _run_video(backend, folder, mask, segmenter, key_index, out, policy, size) -
         key_labels = segmenter(frames[key_index : key_index + 1])[0].argmax(0).astype(np.uint8)
     else:
         raise ValueError("give the key frame's labels: --mask PNG or --segmenter ONNX")
-    labels, _ = propagate_both_ways(backend, frames, key_labels, key_index, policy)
+    guide = SegmenterGuide(segmenter(frames), guide_weight) if segmenter is not None and guide_weight > 0 else None
+    labels, _ = propagate_both_ways(backend, frames, key_labels, key_index, policy, guide)
     labels = resize_labels(labels, height, width)
     for path, label in zip(files, labels, strict=True):
         storage.write_bytes(str(out / f"{path.stem}.png"), _png(label))

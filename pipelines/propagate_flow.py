@@ -34,7 +34,7 @@ from training.propagate.export import (
     graph_metadata,
     load_graphs,
 )
-from training.propagate.inference import MemoryPolicy, TorchBackend, propagate
+from training.propagate.inference import MemoryPolicy, SegmenterGuide, TorchBackend, propagate
 from training.propagate.key_frame_tuning import KeyFrameTuner, KeyFrameTuning
 from training.propagate.pseudo_labels import OnnxReferenceSegmenter
 from training.propagate.sequences import labelled_sequences, sequence_names
@@ -161,21 +161,29 @@ def trained_size(model: str | Path | ExportedGraphs, tracking_uri: str | None = 
     return int(torch.load(located, map_location="cpu", weights_only=False)["config"]["data"]["size"])
 
 
-def reference_segmenter(ref: str | Path, tracking_uri: str | None = None) -> OnnxReferenceSegmenter:
+def reference_segmenter(
+    ref: str | Path, tracking_uri: str | None = None, threads: int | None = None
+) -> OnnxReferenceSegmenter:
     """The segmentation ONNX a --segmenter names: a file, a directory holding model.onnx, or models:/NAME@ALIAS
     (models:/NAME/VERSION) in the registry at `tracking_uri`."""
-    return OnnxReferenceSegmenter(resolve_model(ref, tracking_uri=tracking_uri).path)
+    return OnnxReferenceSegmenter(resolve_model(ref, tracking_uri=tracking_uri).path, threads)
 
 
-def score_sequence(backend, frames: np.ndarray, truth: np.ndarray, policy: MemoryPolicy) -> dict:
-    """The first frame's labels given, the rest propagated and scored; the copy-first-mask baseline beside it."""
+def score_sequence(
+    backend, frames: np.ndarray, truth: np.ndarray, policy: MemoryPolicy, segmenter=None, guide_weight: float = 0.0
+) -> dict:
+    """The first frame's labels given, the rest propagated and scored; the copy-first-mask baseline beside it.
+    `segmenter` (frames → class probabilities, OnnxReferenceSegmenter): scored alone beside it, and mixed into
+    every propagated frame with `guide_weight` (> 0; SegmenterGuide)."""
     objects = [int(c) for c in np.unique(truth[0]) if c != 0]
+    class_probs = segmenter(frames) if segmenter is not None else None
+    guide = SegmenterGuide(class_probs, guide_weight) if class_probs is not None and guide_weight > 0 else None
     started = time.perf_counter()
-    labels, confidence = propagate(backend, frames, truth[0], policy)
+    labels, confidence = propagate(backend, frames, truth[0], policy, guide=guide)
     seconds = time.perf_counter() - started
     copy = np.repeat(truth[:1], len(truth) - 1, axis=0)
     ours, baseline = j_and_f(truth[1:], labels[1:], objects), j_and_f(truth[1:], copy, objects)
-    return {
+    scores = {
         "frames": len(frames),
         "objects": objects,
         "J": ours["J"],
@@ -187,18 +195,38 @@ def score_sequence(backend, frames: np.ndarray, truth: np.ndarray, policy: Memor
         "labels": labels,
         "confidence": confidence,
     }
+    if class_probs is not None:
+        alone = j_and_f(truth[1:], class_probs[1:].argmax(1).astype(np.uint8), objects)
+        scores["segmenter_only"] = {"J": alone["J"], "F": alone["F"], "J&F": alone["J&F"]}
+    return scores
 
 
-def evaluate_sequences(backend, sequences: dict[str, tuple[np.ndarray, np.ndarray]], policy: MemoryPolicy) -> dict:
-    """Per-sequence scores (without label maps) and their means."""
+def evaluate_sequences(
+    backend,
+    sequences: dict[str, tuple[np.ndarray, np.ndarray]],
+    policy: MemoryPolicy,
+    segmenter=None,
+    guide_weight: float = 0.0,
+) -> dict:
+    """Per-sequence scores (without label maps) and their means; with a segmenter, its own scores' mean too."""
     per_sequence = {}
     for name, (frames, truth) in sequences.items():
-        scores = score_sequence(backend, frames, truth, policy)
+        scores = score_sequence(backend, frames, truth, policy, segmenter, guide_weight)
         scores.pop("labels"), scores.pop("confidence")
         per_sequence[name] = scores
-    mean = {key: float(np.mean([s[key] for s in per_sequence.values()])) for key in ("J", "F", "J&F")}
-    baseline = {k: float(np.mean([s["copy_first"][k] for s in per_sequence.values()])) for k in ("J", "F", "J&F")}
-    return {"mean": mean, "copy_first_mean": baseline, "sequences": per_sequence, "policy": policy.model_dump()}
+    keys = ("J", "F", "J&F")
+    report = {
+        "mean": {key: float(np.mean([s[key] for s in per_sequence.values()])) for key in keys},
+        "copy_first_mean": {k: float(np.mean([s["copy_first"][k] for s in per_sequence.values()])) for k in keys},
+        "sequences": per_sequence,
+        "policy": policy.model_dump(),
+    }
+    if segmenter is not None:
+        report["segmenter_only_mean"] = {
+            k: float(np.mean([s["segmenter_only"][k] for s in per_sequence.values()])) for k in keys
+        }
+        report["segmenter_guide_weight"] = guide_weight
+    return report
 
 
 def named_sequences(spec: DataSpec) -> dict[str, tuple[np.ndarray, np.ndarray]]:

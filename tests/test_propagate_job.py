@@ -156,6 +156,39 @@ def test_evaluate_cli_with_key_frame_tuning(trained, tmp_path):
     assert onnx.exit_code == 2 and "--tune-steps" in onnx.output and ".pt" in onnx.output
 
 
+def test_evaluate_and_run_cli_with_a_segmenter_guide(trained, tmp_path):
+    from training.export import export_segmenter
+    from training.models.unet import Segmenter, UNetConfig
+
+    _, result = trained
+    torch.manual_seed(0)
+    segmenter = export_segmenter(Segmenter(UNetConfig(base_width=4, depth=2)), tmp_path / "seg.onnx", 64)
+    frames, truth = simulate_sequences(1, 4, seed=6, style="real-like", size=64)
+    write_folder_dataset(str(tmp_path / "data"), frames[0], truth[0], [f"seq0/{t:03d}" for t in range(4)])
+    args = ["propagate", "evaluate", "--model", str(result.model_path), "--data", str(tmp_path / "data")]
+    args += ["--layout", "folder", "--segmenter", str(segmenter)]
+    plain, guided = tmp_path / "plain.json", tmp_path / "guided.json"
+    assert CliRunner().invoke(app, [*args, "--out", str(plain)]).exit_code == 0
+    run = CliRunner().invoke(app, [*args, "--guide-weight", "0.5", "--out", str(guided)])
+    assert run.exit_code == 0, run.output
+    assert "segmenter alone" in run.output
+    plain_report, guided_report = json.loads(plain.read_text()), json.loads(guided.read_text())
+    assert guided_report["segmenter_guide_weight"] == 0.5 and plain_report["segmenter_guide_weight"] == 0.0
+    assert guided_report["segmenter_only_mean"] == plain_report["segmenter_only_mean"]
+    assert 0 <= guided_report["mean"]["J&F"] <= 1
+    no_segmenter = CliRunner().invoke(app, [*args[:-2], "--guide-weight", "0.5"])
+    assert no_segmenter.exit_code == 2 and "--segmenter" in no_segmenter.output
+
+    video = tmp_path / "video"
+    video.mkdir()
+    for t, frame in enumerate(frames[0]):
+        Image.fromarray(frame).save(video / f"{t:03d}.png")
+    base = ["propagate", "run", "--model", str(result.model_path), "--input", str(video), "--out", str(tmp_path / "o")]
+    run = CliRunner().invoke(app, [*base, "--segmenter", str(segmenter), "--guide-weight", "1"])
+    assert run.exit_code == 0, run.output
+    assert len(list((tmp_path / "o").glob("*.png"))) == 4
+
+
 def test_evaluate_cli_on_vocalfolds(trained, tmp_path, vocalfolds_root):
     _, result = trained
     out = tmp_path / "vf.json"

@@ -9,6 +9,7 @@ contract tells an onnxruntime client to do.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -128,18 +129,55 @@ class MemoryStream:
                 self.previous = entry
 
 
+@dataclass(frozen=True)
+class SegmenterGuide:
+    """A semantic segmenter's class probabilities (T, C, H, W) for the frames being propagated, mixed into each
+    propagated frame with `weight` before the frame is labelled and remembered. The memory forgets a region that
+    leaves the view, and the key frame may show it only at its edge; the segmenter recognises it by class when it
+    comes back. Object o is class o: propagation here runs on class label maps."""
+
+    probs_tchw: np.ndarray
+    weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.weight <= 1:
+            raise ValueError(f"segmenter guide weight {self.weight}: expected a value in [0, 1]")
+
+    def frames(self, selection: slice) -> SegmenterGuide:
+        """The guide of a run of the frames (a slice, reversed for backward propagation)."""
+        return SegmenterGuide(self.probs_tchw[selection], self.weight)
+
+    def mix(self, t: int, probs_1nhw: np.ndarray, objects: Sequence[int]) -> np.ndarray:
+        classes = self.probs_tchw[t]
+        if classes.shape[-2:] != probs_1nhw.shape[-2:] or max(objects) >= len(classes):
+            raise ValueError(
+                f"segmenter guide: probabilities {classes.shape[-2:]} of {len(classes)} classes, but the frames are "
+                f"{probs_1nhw.shape[-2:]} and the objects {list(objects)}; expected the frames' size and every "
+                "object label among the classes"
+            )
+        of_objects = classes[list(objects)]
+        background = np.clip(1 - of_objects.sum(0, keepdims=True), 0, 1)
+        guide = np.concatenate([background, of_objects])[None]
+        return ((1 - self.weight) * probs_1nhw + self.weight * guide).astype(np.float32)
+
+
 def propagate(
     backend,
     frames_thw3: np.ndarray,
     key_labels_hw: np.ndarray,
     policy: MemoryPolicy,
     objects: Sequence[int] | None = None,
+    guide: SegmenterGuide | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Stream frames[0] (with its given labels) → frames[-1]: label maps (T, H, W) uint8 and the winning class's
     probability (T, H, W) float32 (1 on the key frame). `backend` may be a list of backends (an ensemble): each runs
     its own streams, and every frame takes the mean of all the streams' probabilities. A member with a `tuned_for`
-    method (key_frame_tuning.KeyFrameTuner) is asked for the backend to use from this key frame."""
+    method (key_frame_tuning.KeyFrameTuner) is asked for the backend to use from this key frame. `guide`: a
+    segmenter's probabilities of these frames, mixed into every propagated frame (SegmenterGuide)."""
     objects = [int(o) for o in (objects if objects is not None else np.unique(key_labels_hw)) if o != 0]
+    if guide is not None and len(guide.probs_tchw) != len(frames_thw3):
+        given, expected = len(guide.probs_tchw), len(frames_thw3)
+        raise ValueError(f"segmenter guide: {given} frames of probabilities for {expected} frames")
     labels = np.zeros(frames_thw3.shape[:3], np.uint8)
     confidence = np.ones(frames_thw3.shape[:3], np.float32)
     labels[0] = np.where(np.isin(key_labels_hw, objects), key_labels_hw, 0)
@@ -157,6 +195,8 @@ def propagate(
     for t in range(1, len(frames_thw3)):
         image = prepare_frame(frames_thw3[t])
         probs = sum(stream.read(image) for stream in streams) / len(streams)
+        if guide is not None:
+            probs = guide.mix(t, probs, objects)
         labels[t] = lookup[probs[0].argmax(0)]
         confidence[t] = probs[0].max(0)
         for stream in streams:
@@ -165,20 +205,32 @@ def propagate(
 
 
 def propagate_both_ways(
-    backend, frames_thw3: np.ndarray, key_labels_hw: np.ndarray, key_index: int, policy: MemoryPolicy
+    backend,
+    frames_thw3: np.ndarray,
+    key_labels_hw: np.ndarray,
+    key_index: int,
+    policy: MemoryPolicy,
+    guide: SegmenterGuide | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """From a key frame in the middle: forward to the last frame and backward to the first."""
     if not 0 <= key_index < len(frames_thw3):
         raise ValueError(f"key frame {key_index} is outside the {len(frames_thw3)} frames")
-    forward = propagate(backend, frames_thw3[key_index:], key_labels_hw, policy)
-    backward = propagate(backend, frames_thw3[: key_index + 1][::-1], key_labels_hw, policy)
+    forward_guide = backward_guide = None
+    if guide is not None:
+        forward_guide, backward_guide = guide.frames(slice(key_index, None)), guide.frames(slice(key_index, None, -1))
+    forward = propagate(backend, frames_thw3[key_index:], key_labels_hw, policy, guide=forward_guide)
+    backward = propagate(backend, frames_thw3[: key_index + 1][::-1], key_labels_hw, policy, guide=backward_guide)
     labels = np.concatenate([backward[0][::-1][:-1], forward[0]])
     confidence = np.concatenate([backward[1][::-1][:-1], forward[1]])
     return labels, confidence
 
 
 def propagate_from_keys(
-    backend, frames_thw3: np.ndarray, key_labels: dict[int, np.ndarray], policy: MemoryPolicy
+    backend,
+    frames_thw3: np.ndarray,
+    key_labels: dict[int, np.ndarray],
+    policy: MemoryPolicy,
+    guide: SegmenterGuide | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Several key frames (index → labels): every frame takes the result propagated from its nearest key frame,
     each key propagating both ways up to its neighbours. This is how annotated slices fill a volume."""
@@ -191,8 +243,9 @@ def propagate_from_keys(
         # This key owns the frames closer to it than to its neighbours.
         start = 0 if position == 0 else (keys[position - 1] + key) // 2 + 1
         stop = len(frames_thw3) if position == len(keys) - 1 else (key + keys[position + 1]) // 2 + 1
+        span_guide = guide.frames(slice(start, stop)) if guide is not None else None
         span_labels, span_confidence = propagate_both_ways(
-            backend, frames_thw3[start:stop], key_labels[key], key - start, policy
+            backend, frames_thw3[start:stop], key_labels[key], key - start, policy, span_guide
         )
         labels[start:stop], confidence[start:stop] = span_labels, span_confidence
     return labels, confidence
