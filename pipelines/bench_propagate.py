@@ -4,7 +4,8 @@ frames/s of the whole stream (encode_key + segment every frame, encode_value eve
 previous_frame, else every mem_every-th) at 256×256 with 2 CPU threads for torch and for onnxruntime. The vocalfolds
 J&F and the onnxruntime frames/s are also given with the policy's flip_average (two mirrored streams averaged), and
 the vocalfolds J&F with key-frame tuning (a copy of the network trained on the first frame's deformed views before
-each sequence; torch, about a minute a sequence here).
+each sequence; torch, about a minute a sequence here) and with a segmenter guide (a segmentation network trained on
+vocalfolds seq1–3, `guide_segmenter_config`, mixed into every frame at GUIDE_WEIGHT; also scored alone).
 
 Without --model it uses runs/artifacts/propagate-bench.pt, training it first when missing (`bench_config`: 3000
 clip batches at 256×256, about 50 min on 2 idle cores, more on slower or shared ones; a stopped run resumes) on
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipelines import segment_flow
 from pipelines.local_ray import local_ray
 from pipelines.propagate_flow import evaluate_sequences, named_sequences, sequence_parity, train_and_export
 from training.config import load_config
@@ -34,8 +36,11 @@ from training.propagate.config import PropagateJobConfig
 from training.propagate.export import OnnxBackend, export_propagation
 from training.propagate.inference import MemoryPolicy, TorchBackend, propagate
 from training.propagate.key_frame_tuning import KeyFrameTuner, KeyFrameTuning
+from training.propagate.pseudo_labels import OnnxReferenceSegmenter
+from training.segment.config import SegmentJobConfig
 
 TRAIN_SEQUENCES = ["seq1", "seq2", "seq3"]
+GUIDE_WEIGHT = 0.5  # fixed before any guided run was scored: an even mix, not tuned on seq4
 
 
 def bench_config(real_root: Path | None, runs_dir: str = "runs") -> PropagateJobConfig:
@@ -54,6 +59,50 @@ def bench_config(real_root: Path | None, runs_dir: str = "runs") -> PropagateJob
         overrides.append(f"data.real={{kind: vocalfolds, uri: {real_root}, sequences: [{', '.join(TRAIN_SEQUENCES)}]}}")
         overrides.append(f"val={{kind: vocalfolds, uri: {real_root}, sequences: [seq4]}}")  # logged, never trained on
     return load_config(PropagateJobConfig, None, overrides)
+
+
+def guide_segmenter_config(real_root: Path, runs_dir: str = "runs") -> SegmentJobConfig:
+    """The segmenter that guides propagation: the segmentation job on vocalfolds seq1–3 (seq4 scored, never trained
+    on), 30 epochs at 256×256, about 8 min on 2 cores."""
+    vocalfolds = {"kind": "vocalfolds", "uri": str(real_root), "size": 256}
+    overrides = [
+        "name=propagate-bench-segmenter",
+        f"runs_dir={runs_dir}",
+        f"source={json.dumps(vocalfolds | {'sequences': TRAIN_SEQUENCES})}",
+        f"val={json.dumps(vocalfolds | {'sequences': ['seq4']})}",
+        "compute.epochs=30",
+    ]
+    return load_config(SegmentJobConfig, None, overrides)
+
+
+def guide_segmenter(real_root: Path, runs_dir: str = "runs", threads: int = 2) -> OnnxReferenceSegmenter:
+    """The guide's ONNX under runs/artifacts, trained first when missing."""
+    cfg = guide_segmenter_config(real_root, runs_dir)
+    out_dir = Path(cfg.runs_dir) / "artifacts"
+    path = out_dir / f"{cfg.name}.onnx"
+    if not path.is_file():
+        with local_ray(num_cpus=None):
+            path = segment_flow.train_and_export(cfg, cfg.val, out_dir).onnx_path
+    return OnnxReferenceSegmenter(path, threads)
+
+
+def segmenter_guided(onnx, segmenter, sequences: dict, policy: MemoryPolicy, trained_on: list[str]) -> dict:
+    """J&F with the segmenter guide at GUIDE_WEIGHT, the segmenter alone, per sequence and the held-out mean."""
+    scored = evaluate_sequences(onnx, sequences, policy, segmenter, GUIDE_WEIGHT)
+    held_out = [s for name, s in scored["sequences"].items() if name.split("/")[-1] not in trained_on]
+    alone = [s["segmenter_only"]["J&F"] for s in held_out]
+    return {
+        "guide_weight": GUIDE_WEIGHT,
+        "flip_average": policy.flip_average,
+        "mean_jf": scored["mean"]["J&F"],
+        "segmenter_only_mean_jf": scored["segmenter_only_mean"]["J&F"],
+        "held_out_mean_jf": float(np.mean([s["J&F"] for s in held_out])) if held_out else None,
+        "held_out_segmenter_only_jf": float(np.mean(alone)) if alone else None,
+        "sequences": {
+            name: {"J&F": s["J&F"], "segmenter_only": s["segmenter_only"]["J&F"], "per_object_J": s["per_object_J"]}
+            for name, s in scored["sequences"].items()
+        },
+    }
 
 
 def stream_fps(backend, frames: np.ndarray, labels: np.ndarray, policy: MemoryPolicy, repeats: int = 2) -> float:
@@ -116,7 +165,7 @@ def bench_propagate(out: Path, model_path: Path | None, real_root: Path | None, 
             "objects": int(len(np.unique(truth[0, 0])) - (0 in truth[0, 0])),
             "frames": 60,
         }
-        real = real_flipped = real_tuned = None
+        real = real_flipped = real_tuned = real_guided = None
         if real_root is not None:
             spec = DataSpec(kind="vocalfolds", uri=str(real_root), size=size)
             sequences = named_sequences(spec)
@@ -127,6 +176,11 @@ def bench_propagate(out: Path, model_path: Path | None, real_root: Path | None, 
                 "sequences": {name: scores["J&F"] for name, scores in scored["sequences"].items()},
             }
             real_tuned = key_frame_tuned(model, sequences, policy, trained_on)
+            segmenter = guide_segmenter(real_root, cfg.runs_dir, threads)
+            real_guided = {
+                "plain": segmenter_guided(onnx, segmenter, sequences, policy, trained_on),
+                "flip_average": segmenter_guided(onnx, segmenter, sequences, flipped, trained_on),
+            }
             for name, scores in real["sequences"].items():
                 scores["trained_on"] = name.split("/")[-1] in trained_on
             held_out = [s for s in real["sequences"].values() if not s["trained_on"]]
@@ -149,6 +203,7 @@ def bench_propagate(out: Path, model_path: Path | None, real_root: Path | None, 
         "real_sequences": real and real["sequences"],
         "real_flip_average": real_flipped,
         "real_key_frame_tuning": real_tuned,
+        "real_segmenter_guide": real_guided,
         "parity": parity,
         "frames_per_second_256": fps,
         "machine": {
