@@ -134,7 +134,8 @@ class SegmenterGuide:
     """A semantic segmenter's class probabilities (T, C, H, W) for the frames being propagated, mixed into each
     propagated frame with `weight` before the frame is labelled and remembered. The memory forgets a region that
     leaves the view, and the key frame may show it only at its edge; the segmenter recognises it by class when it
-    comes back. Object o is class o: propagation here runs on class label maps."""
+    comes back. Object o is class o: propagation here runs on class label maps. It helps only as far as the
+    segmenter is right: one trained on vocalfolds seq1-3 lowered held-out seq4 at weight 0.5 (README, 2026-12-05)."""
 
     probs_tchw: np.ndarray
     weight: float = 0.5
