@@ -190,9 +190,9 @@ def evaluate(
     try:
         backend, size = load_backends(model, policy, size, threads, _tracking(tracking_uri))
         backend = with_key_frame_tuning(backend, tuning, report)
-        guide = _guide_segmenter(segmenter, guide_weight, tracking_uri, threads)
+        reference = _guide_segmenter(segmenter, guide_weight, tracking_uri, threads)
         report = evaluate_sequences(
-            backend, named_sequences(_spec(data, layout, sequences, size)), policy, guide, guide_weight
+            backend, named_sequences(_spec(data, layout, sequences, size)), policy, reference, guide_weight
         )
     except (DataError, FileNotFoundError, ValueError) as exc:
         _fail(exc)
