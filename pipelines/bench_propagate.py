@@ -5,7 +5,8 @@ previous_frame, else every mem_every-th) at 256×256 with 2 CPU threads for torc
 J&F and the onnxruntime frames/s are also given with the policy's flip_average (two mirrored streams averaged), and
 the vocalfolds J&F with key-frame tuning (a copy of the network trained on the first frame's deformed views before
 each sequence; torch, about a minute a sequence here) and with a segmenter guide (a segmentation network trained on
-vocalfolds seq1–3, `guide_segmenter_config`, mixed into every frame at GUIDE_WEIGHT; also scored alone).
+vocalfolds seq1–3, `guide_segmenter_config`, mixed into every frame at GUIDE_WEIGHT; also scored alone). When the
+model is a weight average with its last trained weights saved beside it, those are scored too.
 
 Without --model it uses runs/artifacts/propagate-bench.pt, training it first when missing (`bench_config`: 3000
 clip batches at 256×256, about 50 min on 2 idle cores, more on slower or shared ones; a stopped run resumes) on
@@ -26,7 +27,13 @@ import torch
 
 from pipelines import segment_flow
 from pipelines.local_ray import local_ray
-from pipelines.propagate_flow import evaluate_sequences, named_sequences, sequence_parity, train_and_export
+from pipelines.propagate_flow import (
+    evaluate_sequences,
+    last_weights_path,
+    named_sequences,
+    sequence_parity,
+    train_and_export,
+)
 from training.config import load_config
 from training.data.simulator import simulate_sequences
 from training.data.sources import DataSpec
@@ -116,6 +123,20 @@ def stream_fps(backend, frames: np.ndarray, labels: np.ndarray, policy: MemoryPo
     return best
 
 
+def without_average(model_path: Path, sequences: dict, policy: MemoryPolicy, trained_on: list[str]) -> dict:
+    """J&F of a weight-averaged run's last trained weights (torch), per sequence and the held-out mean: the same
+    run without the average."""
+    state = torch.load(last_weights_path(model_path), map_location="cpu", weights_only=False)
+    scored = evaluate_sequences(TorchBackend(propagate_train.load_model(state), policy.top_k), sequences, policy)
+    per_sequence = {name: s["J&F"] for name, s in scored["sequences"].items()}
+    held_out = [jf for name, jf in per_sequence.items() if name.split("/")[-1] not in trained_on]
+    return {
+        "mean_jf": scored["mean"]["J&F"],
+        "held_out_mean_jf": float(np.mean(held_out)) if held_out else None,
+        "sequences": per_sequence,
+    }
+
+
 def key_frame_tuned(model, sequences: dict, policy: MemoryPolicy, trained_on: list[str]) -> dict:
     """J&F with key-frame tuning at its defaults (torch: it needs gradients), per sequence, and the held-out mean;
     seconds per sequence include the tuning."""
@@ -165,7 +186,7 @@ def bench_propagate(out: Path, model_path: Path | None, real_root: Path | None, 
             "objects": int(len(np.unique(truth[0, 0])) - (0 in truth[0, 0])),
             "frames": 60,
         }
-        real = real_flipped = real_tuned = real_guided = None
+        real = real_flipped = real_tuned = real_guided = real_last_weights = None
         if real_root is not None:
             spec = DataSpec(kind="vocalfolds", uri=str(real_root), size=size)
             sequences = named_sequences(spec)
@@ -181,6 +202,8 @@ def bench_propagate(out: Path, model_path: Path | None, real_root: Path | None, 
                 "plain": segmenter_guided(onnx, segmenter, sequences, policy, trained_on),
                 "flip_average": segmenter_guided(onnx, segmenter, sequences, flipped, trained_on),
             }
+            if last_weights_path(Path(model_path)).is_file():
+                real_last_weights = without_average(Path(model_path), sequences, policy, trained_on)
             for name, scores in real["sequences"].items():
                 scores["trained_on"] = name.split("/")[-1] in trained_on
             held_out = [s for s in real["sequences"].values() if not s["trained_on"]]
@@ -204,6 +227,7 @@ def bench_propagate(out: Path, model_path: Path | None, real_root: Path | None, 
         "real_flip_average": real_flipped,
         "real_key_frame_tuning": real_tuned,
         "real_segmenter_guide": real_guided,
+        "real_last_weights": real_last_weights,
         "parity": parity,
         "frames_per_second_256": fps,
         "machine": {

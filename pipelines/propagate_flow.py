@@ -59,6 +59,11 @@ def save_model(model: torch.nn.Module, cfg: PropagateJobConfig, path: Path) -> P
     return path
 
 
+def last_weights_path(model_path: Path) -> Path:
+    """Where a weight-averaged run's last trained weights are saved, beside the averaged model."""
+    return model_path.with_name(f"{model_path.stem}.last-weights.pt")
+
+
 _REGISTRY_REF = re.compile(r"^models:/(?P<name>[^/@]+)(?P<tail>@[^/@]+|/[^/@]+)$")
 
 
@@ -260,6 +265,8 @@ def train_and_export(
         train_seconds = time.perf_counter() - started
         mlflow.log_metric("train_seconds", train_seconds)
         model_path = save_model(trained.model, cfg, out_dir / f"{cfg.name}.pt")
+        if trained.last_weights is not None:  # kept beside the average, to measure what averaging changed
+            save_model(trained.last_weights, cfg, last_weights_path(model_path))
 
         graphs = export_propagation(trained.model, out_dir, cfg.name, cfg.data.size, cfg.memory, run.info.run_id)
         frames, truth = simulate_sequences(1, 12, seed=cfg.data.sim_seed + 777, style="real-like", size=cfg.data.size)

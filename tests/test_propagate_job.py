@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from pipelines.propagate_flow import load_backend, sequence_parity, train_and_export
+from pipelines.propagate_flow import last_weights_path, load_backend, sequence_parity, train_and_export
 from training.config import load_config
 from training.data.folders import folder_index, load_frames, write_folder_dataset
 from training.data.simulator import simulate_sequences
@@ -80,6 +80,9 @@ def test_resume_export_and_sequence_parity(trained):
     assert all(torch.equal(value, checkpoint["model"][name]) for name, value in state["model"].items())
     weights = [n for n, v in checkpoint["model"].items() if v.is_floating_point() and "running" not in n]
     assert any(not torch.equal(checkpoint["model"][n], checkpoint["trained_model"][n]) for n in weights)
+    # the trained weights are saved beside the average, for the bench to score what averaging changed
+    last = torch.load(last_weights_path(result.model_path), weights_only=False)["model"]
+    assert all(torch.equal(last[n], checkpoint["trained_model"][n]) for n in weights)
     # A longer sequence at another size, with a memory that fills and rolls over. This barely trained model's
     # object probabilities often tie exactly, so its argmax (hence J&F) may flip on rounding: compare probabilities.
     frames, truth = simulate_sequences(1, 16, seed=5, style="real-like", size=96)

@@ -78,6 +78,12 @@ class PropagateJobConfig(StrictModel):
         description="exponential moving average of the weights at this decay per step: what is evaluated, "
         "checkpointed and exported (its batch-norm statistics recomputed); None = the trained weights",
     )
+    weight_average_from_epoch: int | None = Field(
+        None,
+        ge=1,
+        description="uniform average of the weights after every step from this epoch (1-based) on, as in SWA: "
+        "what is evaluated, checkpointed and exported from then on; None = no uniform average",
+    )
     val: DataSpec | None = Field(None, description="labelled sequences scored by J&F (first frame given) each epoch")
     model: PropagationConfig = PropagationConfig()
     memory: MemoryPolicy = MemoryPolicy()
@@ -88,6 +94,13 @@ class PropagateJobConfig(StrictModel):
     def _check(self) -> PropagateJobConfig:
         if self.data.size % self.model.size_multiple:
             raise ValueError(f"data.size {self.data.size} must be a multiple of {self.model.size_multiple}")
+        if self.weight_average_decay is not None and self.weight_average_from_epoch is not None:
+            raise ValueError("set weight_average_decay (moving) or weight_average_from_epoch (uniform), not both")
+        if self.weight_average_from_epoch is not None and self.weight_average_from_epoch > self.compute.epochs:
+            raise ValueError(
+                f"weight_average_from_epoch {self.weight_average_from_epoch} is after the last epoch "
+                f"(compute.epochs {self.compute.epochs})"
+            )
         if self.deform.scale_min > self.deform.scale_max:
             raise ValueError("deform.scale_min must not exceed deform.scale_max")
         if self.data.sim_frames == 0 and self.data.sim_volumes == 0 and self.data.real is None:

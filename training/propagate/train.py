@@ -15,7 +15,7 @@ from functools import partial
 import numpy as np
 import torch
 from ray.train.torch import prepare_model
-from torch.optim.swa_utils import get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from training import loop
 from training.data.normalize import normalize
@@ -86,7 +86,8 @@ def train_loop_per_worker(config_dict: dict) -> None:
         if context.is_chief:
             print(f"[{cfg.name}] resuming after epoch {state['epoch'] + 1}", flush=True)
     model = model.to(context.device)
-    averaged = weight_average(model, cfg.weight_average_decay, state)
+    averaged = weight_average(model, cfg, state)
+    average_from = cfg.weight_average_from_epoch or 1  # the moving average starts with the first step
     model = prepare_model(model) if context.world > 1 or context.device.type == "cuda" else model
 
     for epoch in range(start_epoch, cfg.compute.epochs):
@@ -105,7 +106,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            if averaged is not None:
+            if averaged is not None and epoch + 1 >= average_from:
                 averaged.update_parameters(loop.unwrap(model))
             total_loss += loss.item()
             if context.is_chief and (step + 1) % 50 == 0:
@@ -114,11 +115,15 @@ def train_loop_per_worker(config_dict: dict) -> None:
                     flush=True,
                 )
         scheduler.step()
-        evaluated = loop.unwrap(model) if averaged is None else averaged.module
+        trained = loop.unwrap(model)
+        averaging = averaged is not None and int(averaged.n_averaged) > 0
+        evaluated = averaged.module if averaging else trained
         # Each worker averages over its own clips, with their own generator so that resumed runs draw the same ones.
-        bn_rng = np.random.default_rng([cfg.compute.seed, context.rank, epoch, 1])
-        forward = partial(forward_clips, evaluated, pools, cfg, share, bn_rng, context)
-        loop.recalibrate_batch_norm(evaluated, forward, min(cfg.bn_recalibration_batches, cfg.steps_per_epoch))
+        # With a weight average, the trained weights get their statistics too, so both are scored alike.
+        for network in (evaluated, trained) if averaging else (evaluated,):
+            bn_rng = np.random.default_rng([cfg.compute.seed, context.rank, epoch, 1])
+            forward = partial(forward_clips, network, pools, cfg, share, bn_rng, context)
+            loop.recalibrate_batch_norm(network, forward, min(cfg.bn_recalibration_batches, cfg.steps_per_epoch))
 
         metrics = {
             "epoch": epoch + 1,
@@ -131,25 +136,36 @@ def train_loop_per_worker(config_dict: dict) -> None:
             scores = evaluate_sequences(evaluated.cpu(), val, cfg.memory)
             evaluated.to(context.device)
             metrics |= {"val_jf": scores["J&F"], "val_j": scores["J"], "val_f": scores["F"]}
+            if averaging:  # the same epoch without the average: what the average changed
+                metrics["val_jf_trained"] = evaluate_sequences(trained.cpu(), val, cfg.memory)["J&F"]
+                trained.to(context.device)
         saved = loop.optimiser_state(model, optimizer, scheduler)
-        if averaged is not None:  # "model" is what load_model, export and evaluation use
-            saved |= {"model": evaluated.state_dict(), "trained_model": saved["model"]}
+        if averaging:  # "model" is what load_model, export and evaluation use
+            saved |= {
+                "model": evaluated.state_dict(),
+                "trained_model": saved["model"],
+                "averaged_steps": int(averaged.n_averaged),
+            }
         loop.end_epoch(cfg, tracking_uri, metrics, saved, context, epoch)
 
 
-def weight_average(
-    model: PropagationNet, decay: float | None, state: dict | None
-) -> torch.optim.swa_utils.AveragedModel | None:
-    """The exponential moving average of the weights (updated after every step), restored from a checkpoint that
-    has one. Late epochs of one run scored the held-out sequence 0.47-0.68 apart from epoch to epoch; the average
-    of the last few hundred steps is one model instead of whichever the last step left. On the 10-epoch bench at
-    decay 0.998 it moved vocalfolds J&F by at most 0.014 either way (mean -0.003), so it is not on by default."""
-    if decay is None:
+def weight_average(model: PropagationNet, cfg: PropagateJobConfig, state: dict | None) -> AveragedModel | None:
+    """An average of the weights, updated after every step: the exponential moving average at
+    `weight_average_decay`, or the uniform one from `weight_average_from_epoch` on (SWA, Izmailov et al. 2018);
+    restored, with its step count, from a checkpoint that has one. Late epochs of one run scored the held-out
+    sequence 0.47-0.68 apart from epoch to epoch; an average is one model instead of whichever the last step left.
+    On the 10-epoch bench the moving average at decay 0.998 moved vocalfolds J&F by at most 0.014 either way
+    (mean -0.003), so neither is on by default."""
+    if cfg.weight_average_decay is not None:
+        averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.weight_average_decay))
+    elif cfg.weight_average_from_epoch is not None:
+        averaged = AveragedModel(model)  # the default update is the running uniform mean
+    else:
         return None
-    averaged = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
     if state is not None and "trained_model" in state:
         averaged.module.load_state_dict(state["model"])
-        averaged.n_averaged.fill_(1)  # already started: the next update averages instead of copying
+        # the uniform mean needs the true count; older checkpoints only ever had a moving average
+        averaged.n_averaged.fill_(state.get("averaged_steps", 1))
     return averaged
 
 
@@ -158,6 +174,7 @@ class TrainedPropagator:
     model: PropagationNet
     checkpoint_path: str
     metrics: dict
+    last_weights: PropagationNet | None = None  # the trained weights when `model` is their average
 
 
 def run(cfg: PropagateJobConfig, tracking_uri: str) -> TrainedPropagator:
@@ -165,12 +182,14 @@ def run(cfg: PropagateJobConfig, tracking_uri: str) -> TrainedPropagator:
     state, result = loop.fit_job(
         train_loop_per_worker, {"job": cfg.model_dump(mode="json"), "tracking_uri": tracking_uri}, cfg
     )
-    return TrainedPropagator(load_model(state), result.checkpoint.path, dict(result.metrics or {}))
+    last_weights = load_model(state, "trained_model") if "trained_model" in state else None
+    return TrainedPropagator(load_model(state), result.checkpoint.path, dict(result.metrics or {}), last_weights)
 
 
-def load_model(state: dict) -> PropagationNet:
-    """The model of a checkpoint state (or of a saved {'model', 'config'} file)."""
+def load_model(state: dict, key: str = "model") -> PropagationNet:
+    """The model of a checkpoint state (or of a saved {'model', 'config'} file); `key` "trained_model" picks a
+    weight-averaged run's last trained weights."""
     cfg = PropagateJobConfig.model_validate(state["config"])
     model = PropagationNet(cfg.model)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state[key])
     return model.eval()
