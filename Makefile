@@ -74,8 +74,11 @@ images:
 # --- mask propagation: trains runs/artifacts/propagate-bench.pt first if it is missing (~50 min on 2 idle cores) ---
 .PHONY: bench-propagate
 
+# ENSEMBLE=3: also trains seeds 1 and 2 (~50 min each) and scores the ensemble of the three as real_ensemble
+ENSEMBLE ?= 1
+
 bench-propagate: $(STAMP)
-	$(VENV)/bin/endoflow propagate bench --out runs/bench/propagate.json
+	$(VENV)/bin/endoflow propagate bench --out runs/bench/propagate.json --ensemble $(ENSEMBLE)
 
 # --- sim→real adaptation ladder (source-only → FDA → learned CUT translator → IRB → + pseudo-labels → oracle), on the
 # embedded real-like simulator and, when present, on vocalfolds seq1-3 (unlabelled) → seq4 (~15-30 min each, 2 cores) ---

@@ -1,8 +1,24 @@
-"""The propagation benchmark keeps vocalfolds seq4 out of what it trains: the network and the guide's segmenter."""
+"""The propagation benchmark keeps vocalfolds seq4 out of what it trains (the network, its seeds and the guide's
+segmenter), scores held-out sequences apart, and scores an ensemble of seeds beside each member."""
 
 from __future__ import annotations
 
-from pipelines.bench_propagate import GUIDE_WEIGHT, bench_config, guide_segmenter_config
+import numpy as np
+import pytest
+import torch
+
+from pipelines.bench_propagate import (
+    GUIDE_WEIGHT,
+    bench_config,
+    bench_propagate,
+    ensemble_of_seeds,
+    guide_segmenter_config,
+    held_out_mean,
+)
+from pipelines.propagate_flow import save_model
+from training.config import load_config
+from training.models.propagation.network import PropagationNet
+from training.propagate.config import PropagateJobConfig
 
 
 def test_seq4_is_held_out_of_both_trained_models(tmp_path):
@@ -13,3 +29,55 @@ def test_seq4_is_held_out_of_both_trained_models(tmp_path):
     assert network.val.sequences == segmenter.val.sequences == ["seq4"]
     assert segmenter.source.size == network.data.size == 256 and 0 < GUIDE_WEIGHT < 1
     assert bench_config(tmp_path / "missing").data.real is None  # no vocalfolds: simulator only
+
+
+def test_an_ensemble_member_differs_from_the_bench_network_only_by_seed_and_name(tmp_path):
+    (tmp_path / "img").mkdir()
+    first, second = bench_config(tmp_path), bench_config(tmp_path, seed=2)
+    assert (first.name, first.compute.seed) == ("propagate-bench", 0)
+    assert (second.name, second.compute.seed) == ("propagate-bench-seed2", 2)
+    same = {"name": "x", "compute": first.compute.model_copy(update={"seed": 0})}
+    assert first.model_copy(update=same) == second.model_copy(update=same)
+
+
+def test_held_out_mean_skips_the_trained_on_sequences():
+    scores = {"patient1/seq1": 0.9, "patient1/seq3": 0.8, "patient1/seq4": 0.5, "patient2/seq4b": 0.7}
+    assert held_out_mean(scores, ["seq1", "seq3"]) == pytest.approx(0.6)
+    assert held_out_mean(scores, ["seq1", "seq3", "seq4", "seq4b"]) is None
+
+
+def test_an_ensemble_needs_the_real_sequences_before_anything_trains(tmp_path):
+    with pytest.raises(ValueError, match="vocalfolds"):
+        bench_propagate(tmp_path / "out.json", None, tmp_path / "no-data", ensemble=3)
+    with pytest.raises(ValueError, match="ensemble 0"):
+        bench_propagate(tmp_path / "out.json", None, None, ensemble=0)
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_ensemble_of_seeds_scores_the_ensemble_and_each_member(tmp_path):
+    cfg = load_config(
+        PropagateJobConfig, None, ["model={key_dim: 8, value_dim: 8, c4: 8, c8: 8, c16: 8, decoder_width: 8}"]
+    )
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        paths.append(save_model(PropagationNet(cfg.model), cfg, tmp_path / f"member{seed}.pt"))
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 255, (5, 32, 32, 3), dtype=np.uint8)
+    truth = np.zeros((5, 32, 32), np.uint8)
+    truth[:, :, :16] = 1  # two objects: an untrained network labels some of their pixels, so the scores are not 0
+    truth[:, :6, 20:] = 2
+    sequences = {"p/seq1": (frames, truth), "p/seq4": (frames[:, :, ::-1].copy(), truth[:, :, ::-1].copy())}
+    policy = PropagateJobConfig().memory
+
+    twice = ensemble_of_seeds([paths[0], paths[0]], sequences, policy, ["seq1"])
+    assert twice["members"] == [str(paths[0])] * 2
+    assert twice["sequences"] == twice["each_member"][0]["sequences"]  # a model twice is that model
+    assert twice["held_out_mean_jf"] == twice["sequences"]["p/seq4"]
+
+    assert 0 < twice["sequences"]["p/seq1"] < 1
+
+    both = ensemble_of_seeds(paths, sequences, policy, ["seq1"])
+    first, second = (member["sequences"] for member in both["each_member"])
+    assert first == twice["sequences"] and second != first  # members scored alone, each with its own weights
+    assert both["sequences"] not in (first, second)  # the ensemble is neither member
