@@ -1,8 +1,9 @@
 """Start (or join) Ray for one command and leave nothing behind.
 
 Ray 2.60 turns on token auth and, by default, writes the token under $HOME and its session files under the system
-temp directory. A local run here gets a fresh in-memory token and a private temp directory that is removed on exit,
-so repeated runs and tests never see each other's state. With `address` (or RAY_ADDRESS) set, we only connect.
+temp directory. A local run here gets an in-memory token (one per process) and a private temp directory that is
+removed on exit, so repeated runs and tests never see each other's state. With `address` (or RAY_ADDRESS) set, we
+only connect.
 SIGTERM (`kill`, systemd, a container runtime) unwinds like Ctrl-C while that local Ray runs: the native handler
 ray.init installs ends the process mid-cleanup and leaves the raylet, the GCS and Serve's HAProxy running, still
 holding their ports.
@@ -20,6 +21,10 @@ import socket
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
+
+# One token per process, not per local_ray: Ray loads the token once per process and keeps it, so a second local Ray
+# started with a new one fails to start its GCS (InvalidAuthToken), as `bench-propagate --ensemble 3` did.
+_PROCESS_TOKEN = secrets.token_hex(32)
 
 
 @contextlib.contextmanager
@@ -40,7 +45,7 @@ def local_ray(num_cpus: int | None = None, address: str | None = None) -> Iterat
 
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
     os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
-    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    os.environ["RAY_AUTH_TOKEN"] = _PROCESS_TOKEN
     # Unix socket paths are limited to ~107 bytes, so the session dir stays short and under /tmp.
     temp_dir = tempfile.mkdtemp(prefix="efray-", dir="/tmp")
     restore_sigterm = None
