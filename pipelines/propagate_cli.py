@@ -203,6 +203,12 @@ def evaluate(
     for name, scores in report["sequences"].items():
         alone = f", segmenter alone {scores['segmenter_only']['J&F']:.4f}" if segmenter else ""
         console.print(f"{name}: J&F {scores['J&F']:.4f} (copy-first {scores['copy_first']['J&F']:.4f}{alone})")
+        for label, obj in scores["per_object"].items():
+            absent = f", false positive in {obj['false_positive_frames']} of its {obj['absent_frames']} absent frames"
+            console.print(
+                f"  object {label}: J&F {obj['J&F']:.3f}, J recall {obj['J_recall']:.2f}, J decay {obj['J_decay']:+.2f}"
+                + (absent if obj["absent_frames"] else "")
+            )
     mean, base = report["mean"], report["copy_first_mean"]
     console.print(f"mean J&F {mean['J&F']:.4f} J {mean['J']:.4f} F {mean['F']:.4f} (copy-first J&F {base['J&F']:.4f})")
     console.print(f"report: {out}")

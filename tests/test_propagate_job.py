@@ -129,6 +129,15 @@ def test_evaluate_cli_on_a_folder_of_sequences(trained, tmp_path):
     report = json.loads(out.read_text())
     assert set(report["sequences"]) == {"seq0", "seq1"}
     assert 0 <= report["mean"]["J&F"] <= 1 and 0 <= report["copy_first_mean"]["J&F"] <= 1
+    for scores in report["sequences"].values():  # the DAVIS statistics per object, and on the console
+        objects = scores["per_object"]
+        assert set(objects) == set(scores["per_object_J"]) == {str(o) for o in scores["objects"]}
+        assert all(
+            0 <= o["J_recall"] <= 1 and 0 <= o["false_positive_frames"] <= o["absent_frames"] <= 4
+            for o in objects.values()
+        )
+        assert scores["J_recall"] == pytest.approx(np.mean([o["J_recall"] for o in objects.values()]))
+        assert f"  object {next(iter(objects))}: J&F" in run.output
     flipped = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "flip.json"), "--size", "64", "--flip-average"])
     assert flipped.exit_code == 0, flipped.output
     flip_report = json.loads((tmp_path / "flip.json").read_text())

@@ -7,7 +7,15 @@ import math
 import numpy as np
 import pytest
 
-from training.propagation_metrics import boundary, boundary_f, dice, j_and_f, normalized_surface_dice, region_j
+from training.propagation_metrics import (
+    boundary,
+    boundary_f,
+    dice,
+    j_and_f,
+    normalized_surface_dice,
+    recall_and_decay,
+    region_j,
+)
 
 
 def square(size: int, top: int, left: int, side: int) -> np.ndarray:
@@ -69,3 +77,29 @@ def test_j_and_f_per_object_mean():
     assert scores["objects"][3]["J"] == pytest.approx(0.5) and scores["objects"][3]["F"] == pytest.approx(0.5)
     assert scores["J&F"] == pytest.approx(0.75)
     assert math.isnan(j_and_f(truth, pred, objects=[])["J&F"])
+
+
+def test_recall_and_decay():
+    # 8 frames in 4 spans of 2: the first span scores 1.0, the last 0.2, so decay is 0.8
+    scores = [1.0, 1.0, 0.9, 0.6, 0.5, 0.4, 0.2, 0.2]
+    recall, decay = recall_and_decay(scores)
+    assert recall == pytest.approx(4 / 8)  # above 0.5, not at it
+    assert decay == pytest.approx(0.8)
+    assert recall_and_decay([0.7]) == (1.0, 0.0)
+    assert all(math.isnan(v) for v in recall_and_decay([]))
+
+
+def test_j_and_f_counts_frames_where_an_absent_object_is_painted():
+    truth = np.zeros((4, 40, 40), np.uint8)
+    truth[:2, 5:15, 5:15] = 2  # object 2 leaves the view after frame 1
+    pred = truth.copy()
+    pred[2, 30:35, 30:35] = 2  # painted onto something else in frame 2, correctly gone in frame 3
+    scores = j_and_f(truth, pred, objects=[2])
+    two = scores["objects"][2]
+    assert two["absent_frames"] == 2 and two["false_positive_frames"] == 1
+    assert two["J"] == pytest.approx(3 / 4)  # the painted frame scores 0, the empty one 1
+    assert two["J_recall"] == pytest.approx(3 / 4)
+    assert two["J_decay"] == pytest.approx(1.0 - 1.0)  # first frame 1, last frame 1
+    assert two["J&F"] == pytest.approx((two["J"] + two["F"]) / 2)
+    assert scores["J_recall"] == two["J_recall"]
+    assert math.isnan(j_and_f(truth, pred, objects=[])["J_recall"])

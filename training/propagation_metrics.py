@@ -74,19 +74,51 @@ def normalized_surface_dice(
     return float(close / (truth_surface.sum() + pred_surface.sum()))
 
 
-def j_and_f(truth_labels: np.ndarray, pred_labels: np.ndarray, objects: Sequence[int]) -> dict:
-    """J, F and their mean J&F over the frames (T, H, W) of one sequence, per object and averaged over objects.
+STATISTICS = ("J", "F", "J_recall", "J_decay", "F_recall", "F_decay")  # averaged over the objects by j_and_f
 
-    objects: the label values scored (each frame of each object counts once, as DAVIS does)."""
+
+def recall_and_decay(per_frame: Sequence[float], bins: int = 4) -> tuple[float, float]:
+    """The DAVIS benchmark's statistics of one object's per-frame scores: recall, the fraction of frames scoring above
+    0.5, and decay, the mean of the first of `bins` equal spans of frames minus the mean of the last (how much worse
+    the object is tracked late in the sequence than early; DAVIS's spans share their edge frames, these do not)."""
+    scores = np.asarray(per_frame, dtype=np.float64)
+    if scores.size == 0:
+        return float("nan"), float("nan")
+    edges = np.linspace(0, scores.size, bins + 1).round().astype(int)
+    first, last = scores[: max(edges[1], 1)], scores[min(edges[-2], scores.size - 1) :]
+    return float((scores > 0.5).mean()), float(first.mean() - last.mean())
+
+
+def j_and_f(truth_labels: np.ndarray, pred_labels: np.ndarray, objects: Sequence[int]) -> dict:
+    """J, F and their mean J&F over the frames (T, H, W) of one sequence, per object and averaged over objects,
+    with DAVIS recall and decay of J and F (recall_and_decay).
+
+    objects: the label values scored (each frame of each object counts once, as DAVIS does). Per object, also
+    absent_frames (frames whose truth lacks the object, where any predicted pixel scores J = 0) and
+    false_positive_frames (those of them where the object was predicted anyway), as an object that leaves the view
+    and is painted onto something else costs a whole frame each time."""
     if truth_labels.shape != pred_labels.shape:
         raise ValueError(f"truth shape {truth_labels.shape} and prediction shape {pred_labels.shape} differ")
     per_object = {}
     for label in objects:
-        js = [region_j(t == label, p == label) for t, p in zip(truth_labels, pred_labels, strict=True)]
-        fs = [boundary_f(t == label, p == label) for t, p in zip(truth_labels, pred_labels, strict=True)]
-        per_object[int(label)] = {"J": float(np.mean(js)), "F": float(np.mean(fs))}
+        truths, preds = truth_labels == label, pred_labels == label
+        js = [region_j(t, p) for t, p in zip(truths, preds, strict=True)]
+        fs = [boundary_f(t, p) for t, p in zip(truths, preds, strict=True)]
+        absent = ~truths.any(axis=(1, 2))
+        j_recall, j_decay = recall_and_decay(js)
+        f_recall, f_decay = recall_and_decay(fs)
+        per_object[int(label)] = {
+            "J": float(np.mean(js)),
+            "F": float(np.mean(fs)),
+            "J&F": float((np.mean(js) + np.mean(fs)) / 2),
+            "J_recall": j_recall,
+            "J_decay": j_decay,
+            "F_recall": f_recall,
+            "F_decay": f_decay,
+            "absent_frames": int(absent.sum()),
+            "false_positive_frames": int((absent & preds.any(axis=(1, 2))).sum()),
+        }
     if not per_object:
-        return {"J": float("nan"), "F": float("nan"), "J&F": float("nan"), "objects": {}}
-    mean_j = float(np.mean([v["J"] for v in per_object.values()]))
-    mean_f = float(np.mean([v["F"] for v in per_object.values()]))
-    return {"J": mean_j, "F": mean_f, "J&F": (mean_j + mean_f) / 2, "objects": per_object}
+        return {key: float("nan") for key in (*STATISTICS, "J&F")} | {"objects": {}}
+    means = {key: float(np.mean([v[key] for v in per_object.values()])) for key in STATISTICS}
+    return {**means, "J&F": (means["J"] + means["F"]) / 2, "objects": per_object}
