@@ -165,6 +165,10 @@ def evaluate(
     layout: Annotated[str, typer.Option(help="vocalfolds or folder (images/<seq>/, masks/<seq>/)")] = "vocalfolds",
     sequences: SequencesOption = None,
     out: Path = Path("runs/propagate/evaluate.json"),
+    pictures: Annotated[
+        Path | None,
+        typer.Option(help="folder for one PNG per sequence: frames with truth and propagation (default: OUT_pictures)"),
+    ] = None,
     size: SizeOption = None,
     mem_every: MemEveryOption = 2,
     max_memory: MaxMemoryOption = 8,
@@ -191,8 +195,9 @@ def evaluate(
         backend, size = load_backends(model, policy, size, threads, _tracking(tracking_uri))
         backend = with_key_frame_tuning(backend, tuning, report)
         reference = _guide_segmenter(segmenter, guide_weight, tracking_uri, threads)
+        pictures = pictures or out.with_name(f"{out.stem}_pictures")
         report = evaluate_sequences(
-            backend, named_sequences(_spec(data, layout, sequences, size)), policy, reference, guide_weight
+            backend, named_sequences(_spec(data, layout, sequences, size)), policy, reference, guide_weight, pictures
         )
     except (DataError, FileNotFoundError, ValueError) as exc:
         _fail(exc)
@@ -211,7 +216,7 @@ def evaluate(
             )
     mean, base = report["mean"], report["copy_first_mean"]
     console.print(f"mean J&F {mean['J&F']:.4f} J {mean['J']:.4f} F {mean['F']:.4f} (copy-first J&F {base['J&F']:.4f})")
-    console.print(f"report: {out}")
+    console.print(f"report: {out}; pictures: {pictures}")
 
 
 @app.command()

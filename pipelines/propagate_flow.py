@@ -18,7 +18,7 @@ import mlflow
 import numpy as np
 import torch
 
-from pipelines.segment_flow import job_run
+from pipelines.segment_flow import job_run, log_curves
 from serving.resolve import resolve_model
 from training import tracking
 from training.data.simulator import simulate_sequences
@@ -39,6 +39,7 @@ from training.propagate.key_frame_tuning import KeyFrameTuner, KeyFrameTuning
 from training.propagate.pseudo_labels import OnnxReferenceSegmenter
 from training.propagate.sequences import labelled_sequences, sequence_names
 from training.propagation_metrics import j_and_f
+from training.visualize import comparison_grid, save_png
 
 
 @dataclass
@@ -215,13 +216,19 @@ def evaluate_sequences(
     policy: MemoryPolicy,
     segmenter=None,
     guide_weight: float = 0.0,
+    pictures: Path | None = None,
 ) -> dict:
-    """Per-sequence scores (without label maps) and their means; with a segmenter, its own scores' mean too."""
-    per_sequence = {}
+    """Per-sequence scores (without label maps) and their means; with a segmenter, its own scores' mean too.
+    `pictures`: a folder that gets one PNG per sequence, evenly spaced frames with the truth and the propagated
+    labels overlaid (sequence_picture); their paths are in the report's "pictures"."""
+    per_sequence, pictured = {}, {}
     for name, (frames, truth) in sequences.items():
         scores = score_sequence(backend, frames, truth, policy, segmenter, guide_weight)
-        scores.pop("labels"), scores.pop("confidence")
+        labels = scores.pop("labels")
+        scores.pop("confidence")
         per_sequence[name] = scores
+        if pictures is not None:
+            pictured[name] = str(sequence_picture(frames, truth, labels, pictures / f"{safe_name(name)}.png"))
     keys = ("J", "F", "J&F")
     report = {
         "mean": {key: float(np.mean([s[key] for s in per_sequence.values()])) for key in keys},
@@ -234,7 +241,20 @@ def evaluate_sequences(
             k: float(np.mean([s["segmenter_only"][k] for s in per_sequence.values()])) for k in keys
         }
         report["segmenter_guide_weight"] = guide_weight
+    if pictures is not None:
+        report["pictures"] = pictured
     return report
+
+
+def sequence_picture(frames: np.ndarray, truth: np.ndarray, labels: np.ndarray, path: Path, rows: int = 6) -> Path:
+    """`rows` evenly spaced frames of a sequence (the given first and the last among them): the image, the truth
+    and the propagated labels overlaid, one frame a row."""
+    return save_png(comparison_grid(frames, {"truth": truth, "propagated": labels}, rows=rows), path)
+
+
+def safe_name(sequence: str) -> str:
+    """A sequence name (e.g. patient1/seq4) as one file name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", sequence).strip("_") or "sequence"
 
 
 def named_sequences(spec: DataSpec) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -277,11 +297,16 @@ def train_and_export(
         mlflow.log_metrics({"onnx_parity_jf_abs_diff": parity["jf_abs_diff"]})
         evaluation = None
         if eval_spec is not None:
-            evaluation = evaluate_sequences(OnnxBackend(graphs), named_sequences(eval_spec), cfg.memory)
+            pictures = out_dir / f"{cfg.name}_eval"
+            evaluation = evaluate_sequences(
+                OnnxBackend(graphs), named_sequences(eval_spec), cfg.memory, pictures=pictures
+            )
             mlflow.log_metrics(
                 {"eval_jf": evaluation["mean"]["J&F"], "eval_copy_first_jf": evaluation["copy_first_mean"]["J&F"]}
             )
+            mlflow.log_artifacts(str(pictures), artifact_path="propagation")
             (out_dir / f"{cfg.name}_eval.json").write_text(json.dumps(evaluation, indent=2))
+        log_curves(tracking_uri, run.info.run_id, cfg.name, out_dir, ("train_loss", "val_jf"))
         versions = {}
         if register_as is not None:
             for graph in GRAPHS:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,7 +83,7 @@ def train_and_export(
             grid = comparison_grid(images, {"truth": masks, cfg.name: predictions})
             mlflow.log_artifact(str(save_png(grid, out_dir / f"{cfg.name}_overlays.png")))
             (out_dir / f"{cfg.name}_scores.json").write_text(json.dumps(summary, indent=2))
-        _log_curves(tracking_uri, run.info.run_id, cfg.name, out_dir)
+        log_curves(tracking_uri, run.info.run_id, cfg.name, out_dir, ("train_loss", "val_mean_dice"))
 
         onnx_path = export_segmenter(trained.model, out_dir / f"{cfg.name}.onnx", cfg.source.size, run.info.run_id)
         sample = load_data(eval_spec or cfg.source)[0][:4]
@@ -107,11 +107,9 @@ def train_and_export(
         )
 
 
-def _log_curves(tracking_uri: str, run_id: str, name: str, out_dir: Path) -> None:
+def log_curves(tracking_uri: str, run_id: str, name: str, out_dir: Path, keys: Sequence[str]) -> None:
+    """The per-epoch history of the run's metrics `keys` as one picture, <name>_curves.png, kept by MLflow."""
     client = mlflow.tracking.MlflowClient(tracking_uri)
-    curves = {
-        key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
-        for key in ("train_loss", "val_mean_dice")
-    }
+    curves = {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)] for key in keys}
     if any(curves.values()):
         mlflow.log_artifact(str(plot_curves(curves, out_dir / f"{name}_curves.png", name, "value")))

@@ -4,10 +4,12 @@ whole-sequence torch/onnxruntime parity check, pseudo-labels the folder loader r
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from mlflow import MlflowClient
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -16,6 +18,7 @@ from pipelines.propagate_flow import last_weights_path, load_backend, sequence_p
 from training.config import load_config
 from training.data.folders import folder_index, load_frames, write_folder_dataset
 from training.data.simulator import simulate_sequences
+from training.data.sources import DataSpec
 from training.data.volumes import read_nifti, simulate_volume, write_case
 from training.propagate import train as propagate_train
 from training.propagate.config import PropagateJobConfig
@@ -52,8 +55,11 @@ def trained(ray_session, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("propagate")
     first = propagate_train.run(tiny_job(tmp_path, epochs=1), f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert first.metrics["epoch"] == 1 and first.metrics["stage"] == 1
-    # Same name and storage: the second call resumes after epoch 1, runs stage 2, exports and checks parity.
-    result = train_and_export(tiny_job(tmp_path, epochs=2), tmp_path / "out")
+    # Same name and storage: the second call resumes after epoch 1, runs stage 2, exports, checks parity and scores.
+    frames, truth = simulate_sequences(1, 4, seed=11, style="real-like", size=64)
+    write_folder_dataset(str(tmp_path / "eval"), frames[0], truth[0], [f"clip/{t:03d}" for t in range(4)])
+    eval_spec = DataSpec(kind="folder", uri=str(tmp_path / "eval"), size=64)
+    result = train_and_export(tiny_job(tmp_path, epochs=2), tmp_path / "out", eval_spec)
     return tmp_path, result
 
 
@@ -89,6 +95,11 @@ def test_resume_export_and_sequence_parity(trained):
     model = propagate_train.load_model(state)
     parity = sequence_parity(model, result.graphs, frames[0], truth[0], MemoryPolicy(mem_every=2, max_memory=3))
     assert parity["confidence_max_abs_diff"] <= 1e-4
+    # MLflow keeps the pictures: the curves of the run and the scored sequence with its truth and propagation
+    assert result.evaluation["pictures"] == {"clip": str(tmp_path / "out" / "tiny_eval" / "clip.png")}
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert {a.path for a in client.list_artifacts(result.run_id)} >= {"tiny_curves.png", "propagation"}
+    assert [a.path for a in client.list_artifacts(result.run_id, "propagation")] == ["propagation/clip.png"]
 
 
 def test_pseudo_labels_are_a_readable_folder_dataset(trained, tmp_path):
@@ -138,6 +149,10 @@ def test_evaluate_cli_on_a_folder_of_sequences(trained, tmp_path):
         )
         assert scores["J_recall"] == pytest.approx(np.mean([o["J_recall"] for o in objects.values()]))
         assert f"  object {next(iter(objects))}: J&F" in run.output
+    for name in ("seq0", "seq1"):  # one picture a sequence, beside the report: 5 frames of 3 panels of 64 px
+        path = Path(report["pictures"][name])
+        assert path.parent == tmp_path / "eval_pictures"
+        assert np.asarray(Image.open(path)).shape == (5 * 64, 3 * 64, 3)
     flipped = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "flip.json"), "--size", "64", "--flip-average"])
     assert flipped.exit_code == 0, flipped.output
     flip_report = json.loads((tmp_path / "flip.json").read_text())
