@@ -219,8 +219,9 @@ def evaluate_sequences(
     pictures: Path | None = None,
 ) -> dict:
     """Per-sequence scores (without label maps) and their means; with a segmenter, its own scores' mean too.
-    `pictures`: a folder that gets one PNG per sequence, evenly spaced frames with the truth and the propagated
-    labels overlaid (sequence_picture); their paths are in the report's "pictures"."""
+    `pictures`: a folder that gets one PNG per sequence (patient1/seq4 → patient1/seq4.png, as pseudo-label folders
+    nest them), evenly spaced frames with the truth and the propagated labels overlaid (sequence_picture); their
+    paths are in the report's "pictures"."""
     per_sequence, pictured = {}, {}
     for name, (frames, truth) in sequences.items():
         scores = score_sequence(backend, frames, truth, policy, segmenter, guide_weight)
@@ -228,7 +229,7 @@ def evaluate_sequences(
         scores.pop("confidence")
         per_sequence[name] = scores
         if pictures is not None:
-            pictured[name] = str(sequence_picture(frames, truth, labels, pictures / f"{safe_name(name)}.png"))
+            pictured[name] = str(sequence_picture(frames, truth, labels, pictures / f"{name}.png"))
     keys = ("J", "F", "J&F")
     report = {
         "mean": {key: float(np.mean([s[key] for s in per_sequence.values()])) for key in keys},
@@ -250,11 +251,6 @@ def sequence_picture(frames: np.ndarray, truth: np.ndarray, labels: np.ndarray, 
     """`rows` evenly spaced frames of a sequence (the given first and the last among them): the image, the truth
     and the propagated labels overlaid, one frame a row."""
     return save_png(comparison_grid(frames, {"truth": truth, "propagated": labels}, rows=rows), path)
-
-
-def safe_name(sequence: str) -> str:
-    """A sequence name (e.g. patient1/seq4) as one file name."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", sequence).strip("_") or "sequence"
 
 
 def named_sequences(spec: DataSpec) -> dict[str, tuple[np.ndarray, np.ndarray]]:

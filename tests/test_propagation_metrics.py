@@ -99,7 +99,7 @@ def test_j_and_f_counts_frames_where_an_absent_object_is_painted():
     assert two["absent_frames"] == 2 and two["false_positive_frames"] == 1
     assert two["J"] == pytest.approx(3 / 4)  # the painted frame scores 0, the empty one 1
     assert two["J_recall"] == pytest.approx(3 / 4)
-    assert two["J_decay"] == pytest.approx(1.0 - 1.0)  # first frame 1, last frame 1
+    assert two["J_decay"] == pytest.approx(0.0)  # the first frame scores 1, and so does the last
     assert two["J&F"] == pytest.approx((two["J"] + two["F"]) / 2)
     assert scores["J_recall"] == two["J_recall"]
     assert math.isnan(j_and_f(truth, pred, objects=[])["J_recall"])
