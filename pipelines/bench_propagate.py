@@ -259,6 +259,9 @@ def bench_propagate(
             real["held_out_copy_first_jf"] = held_out_mean(
                 {n: s["copy_first"]["J&F"] for n, s in real["sequences"].items()}, trained_on
             )
+            real["held_out_void_excluded_jf"] = held_out_mean(
+                {n: s["void_excluded"]["J&F"] for n, s in real["sequences"].items()}, trained_on
+            )
     report = {
         "model": str(model_path),
         "parameters": count_parameters(model),
@@ -270,6 +273,7 @@ def bench_propagate(
         "sim_copy_first_mean": sim["copy_first_mean"],
         "real_held_out_mean_jf": real and real["held_out_mean_jf"],
         "real_held_out_copy_first_jf": real and real["held_out_copy_first_jf"],
+        "real_held_out_void_excluded_jf": real and real["held_out_void_excluded_jf"],  # a diagnostic, not the target
         "real_mean_jf": real and real["mean"]["J&F"],
         "real_sequences": real and real["sequences"],
         "real_flip_average": real_flipped,

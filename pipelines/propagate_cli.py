@@ -207,7 +207,15 @@ def evaluate(
     out.write_text(json.dumps(report, indent=2))
     for name, scores in report["sequences"].items():
         alone = f", segmenter alone {scores['segmenter_only']['J&F']:.4f}" if segmenter else ""
-        console.print(f"{name}: J&F {scores['J&F']:.4f} (copy-first {scores['copy_first']['J&F']:.4f}{alone})")
+        void = scores["void_excluded"]
+        void_note = (
+            f"; {void['J&F']:.4f} with its void pixels ({void['void_fraction']:.1%}) left out"
+            if void["void_fraction"]
+            else ""
+        )
+        console.print(
+            f"{name}: J&F {scores['J&F']:.4f} (copy-first {scores['copy_first']['J&F']:.4f}{alone}){void_note}"
+        )
         for label, obj in scores["per_object"].items():
             absent = f", false positive in {obj['false_positive_frames']} of its {obj['absent_frames']} absent frames"
             console.print(

@@ -21,6 +21,7 @@ import torch
 from pipelines.segment_flow import job_run, log_curves
 from serving.resolve import resolve_model
 from training import tracking
+from training.data.classes import VOID
 from training.data.simulator import simulate_sequences
 from training.data.sources import DataSpec
 from training.models.propagation.network import count_parameters
@@ -178,7 +179,9 @@ def reference_segmenter(
 def score_sequence(
     backend, frames: np.ndarray, truth: np.ndarray, policy: MemoryPolicy, segmenter=None, guide_weight: float = 0.0
 ) -> dict:
-    """The first frame's labels given, the rest propagated and scored; the copy-first-mask baseline beside it.
+    """The first frame's labels given, the rest propagated and scored; the copy-first-mask baseline beside it, and
+    the scores with the truth's void pixels (class 0) left out as DAVIS leaves out its void pixels (`void_excluded`:
+    painting an object onto void costs nothing there, where J and F count it as a false positive).
     `segmenter` (frames → class probabilities, OnnxReferenceSegmenter): scored alone beside it, and mixed into
     every propagated frame with `guide_weight` (> 0; SegmenterGuide)."""
     objects = [int(c) for c in np.unique(truth[0]) if c != 0]
@@ -189,6 +192,8 @@ def score_sequence(
     seconds = time.perf_counter() - started
     copy = np.repeat(truth[:1], len(truth) - 1, axis=0)
     ours, baseline = j_and_f(truth[1:], labels[1:], objects), j_and_f(truth[1:], copy, objects)
+    void = truth[1:] == VOID
+    void_excluded = j_and_f(truth[1:], labels[1:], objects, void=void)
     scores = {
         "frames": len(frames),
         "objects": objects,
@@ -200,6 +205,13 @@ def score_sequence(
         "copy_first": {"J": baseline["J"], "F": baseline["F"], "J&F": baseline["J&F"]},
         "per_object_J": {str(k): v["J"] for k, v in ours["objects"].items()},
         "per_object": {str(k): v for k, v in ours["objects"].items()},
+        "void_excluded": {
+            "J": void_excluded["J"],
+            "F": void_excluded["F"],
+            "J&F": void_excluded["J&F"],
+            "void_fraction": float(void.mean()),
+            "per_object_J&F": {str(k): v["J&F"] for k, v in void_excluded["objects"].items()},
+        },
         "frames_per_second": (len(frames) - 1) / seconds,
         "labels": labels,
         "confidence": confidence,
@@ -234,6 +246,7 @@ def evaluate_sequences(
     report = {
         "mean": {key: float(np.mean([s[key] for s in per_sequence.values()])) for key in keys},
         "copy_first_mean": {k: float(np.mean([s["copy_first"][k] for s in per_sequence.values()])) for k in keys},
+        "void_excluded_mean": {k: float(np.mean([s["void_excluded"][k] for s in per_sequence.values()])) for k in keys},
         "sequences": per_sequence,
         "policy": policy.model_dump(),
     }

@@ -225,6 +225,10 @@ def test_evaluate_cli_on_vocalfolds(trained, tmp_path, vocalfolds_root):
     report = json.loads(out.read_text())
     assert report["sequences"]["patient1/seq3"]["frames"] == 26
     assert report["copy_first_mean"]["J"] == pytest.approx(0.42, abs=0.05)  # the brief's copy-first figure
+    # void pixels left out (DAVIS): seq3 has few; J can only rise, as a union loses pixels and no intersection does
+    void = report["sequences"]["patient1/seq3"]["void_excluded"]
+    assert 0 < void["void_fraction"] < 0.05 and "void pixels" in run.output
+    assert void["J"] >= report["sequences"]["patient1/seq3"]["J"] and report["void_excluded_mean"]["J&F"] == void["J&F"]
 
 
 def test_run_cli_on_a_video_and_a_volume(trained, tmp_path):

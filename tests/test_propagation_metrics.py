@@ -103,3 +103,22 @@ def test_j_and_f_counts_frames_where_an_absent_object_is_painted():
     assert two["J&F"] == pytest.approx((two["J"] + two["F"]) / 2)
     assert scores["J_recall"] == two["J_recall"]
     assert math.isnan(j_and_f(truth, pred, objects=[])["J_recall"])
+
+
+def test_j_and_f_leaves_void_pixels_out_as_davis_does():
+    truth = np.zeros((2, 40, 40), np.uint8)  # 0 is the void class here
+    truth[0, 10:20, 10:20] = 1
+    pred = truth.copy()
+    pred[0, 10:20, 20:30] = 1  # the object spills into void beside it: J 0.5 when every pixel counts
+    pred[1, 0:5, 0:5] = 1  # painted onto void where the truth has none of it
+    strict = j_and_f(truth, pred, objects=[1])["objects"][1]
+    assert strict["J"] == pytest.approx((0.5 + 0.0) / 2) and strict["false_positive_frames"] == 1
+    void = truth == 0
+    excluded = j_and_f(truth, pred, objects=[1], void=void)["objects"][1]
+    assert excluded["J"] == 1.0 and excluded["F"] == 1.0 and excluded["false_positive_frames"] == 0
+    # a miss outside void still costs: half of the object predicted as void in frame 0 (J 0.5, then 1 in frame 1)
+    missed = truth.copy()
+    missed[0, 10:20, 15:20] = 0
+    assert j_and_f(truth, missed, objects=[1], void=void)["objects"][1]["J"] == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="void shape"):
+        j_and_f(truth, pred, objects=[1], void=void[:1])

@@ -89,19 +89,26 @@ def recall_and_decay(per_frame: Sequence[float], bins: int = 4) -> tuple[float, 
     return float((scores > 0.5).mean()), float(first.mean() - last.mean())
 
 
-def j_and_f(truth_labels: np.ndarray, pred_labels: np.ndarray, objects: Sequence[int]) -> dict:
+def j_and_f(
+    truth_labels: np.ndarray, pred_labels: np.ndarray, objects: Sequence[int], void: np.ndarray | None = None
+) -> dict:
     """J, F and their mean J&F over the frames (T, H, W) of one sequence, per object and averaged over objects,
     with DAVIS recall and decay of J and F (recall_and_decay).
 
     objects: the label values scored (each frame of each object counts once, as DAVIS does). Per object, also
     absent_frames (frames whose truth lacks the object, where any predicted pixel scores J = 0) and
     false_positive_frames (those of them where the object was predicted anyway), as an object that leaves the view
-    and is painted onto something else costs a whole frame each time."""
+    and is painted onto something else costs a whole frame each time.
+    void: boolean (T, H, W) pixels that count for neither J nor F, cut from truth and prediction alike as the DAVIS
+    2017 evaluation does with its void pixels; None = every pixel counts."""
     if truth_labels.shape != pred_labels.shape:
         raise ValueError(f"truth shape {truth_labels.shape} and prediction shape {pred_labels.shape} differ")
+    if void is not None and void.shape != truth_labels.shape:
+        raise ValueError(f"void shape {void.shape} and truth shape {truth_labels.shape} differ")
+    counted = True if void is None else ~void.astype(bool)
     per_object = {}
     for label in objects:
-        truths, preds = truth_labels == label, pred_labels == label
+        truths, preds = (truth_labels == label) & counted, (pred_labels == label) & counted
         js = [region_j(t, p) for t, p in zip(truths, preds, strict=True)]
         fs = [boundary_f(t, p) for t, p in zip(truths, preds, strict=True)]
         absent = ~truths.any(axis=(1, 2))
