@@ -8,9 +8,10 @@ each sequence; torch, about a minute a sequence here) and with a segmenter guide
 vocalfolds seq1–3, `guide_segmenter_config`, mixed into every frame at GUIDE_WEIGHT; also scored alone). When the
 model is a weight average with its last trained weights saved beside it, those are scored too.
 
-Without --model it uses runs/artifacts/propagate-bench.pt, training it first when missing (`bench_config`: 3000
-clip batches at 256×256, about 50 min on 2 idle cores, more on slower or shared ones; a stopped run resumes) on
-simulator data and vocalfolds seq1–3; seq4 is never trained on. Vocalfolds: Laves et al., IJCARS 2019, CC BY 4.0.
+Without --model it uses runs/artifacts/propagate-bench.pt, training it first when missing (`bench_config`: 4500
+clip batches at 256×256, 42 min on 2 idle AMD EPYC cores, over an hour on slower or shared ones; a stopped run
+resumes) on simulator data and vocalfolds seq1–3; seq4 is never trained on. Vocalfolds: Laves et al., IJCARS 2019,
+CC BY 4.0.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def bench_config(real_root: Path | None, runs_dir: str = "runs", seed: int = 0) 
         "deform.elastic=0.04",
         "stage1_epochs=6",
         "steps_per_epoch=150",
-        "compute.epochs=20",
+        "compute.epochs=30",  # 20 left seq4 lower and swinging more between epochs (README, 2026-12-06)
     ]
     if real_root is not None and (real_root / "img").is_dir():
         overrides.append(f"data.real={{kind: vocalfolds, uri: {real_root}, sequences: [{', '.join(TRAIN_SEQUENCES)}]}}")
