@@ -193,7 +193,7 @@ def score_sequence(
     copy = np.repeat(truth[:1], len(truth) - 1, axis=0)
     ours, baseline = j_and_f(truth[1:], labels[1:], objects), j_and_f(truth[1:], copy, objects)
     void = truth[1:] == VOID
-    void_excluded = j_and_f(truth[1:], labels[1:], objects, void=void)
+    void_excluded = j_and_f(truth[1:], labels[1:], objects, void=void) if void.any() else ours  # same when none
     scores = {
         "frames": len(frames),
         "objects": objects,
