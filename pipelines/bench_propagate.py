@@ -163,8 +163,20 @@ def ensemble_of_seeds(model_paths: list[Path], sequences: dict, policy: MemoryPo
     return {
         "members": [str(path) for path in model_paths],
         **jf_summary(members, sequences, policy, trained_on),
+        "min_area_off": jf_summary(members, sequences, policy.model_copy(update={"min_area": 0.0}), trained_on),
         "each_member": [jf_summary(member, sequences, policy, trained_on) for member in members],
     }
+
+
+def ensemble_fps(model_paths: list[Path], directory: Path, frames, labels, policy: MemoryPolicy, threads: int):
+    """Frames/s of the ensemble's stream on onnxruntime: each member's three graphs, one stream each."""
+    members = []
+    for index, path in enumerate(model_paths):
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        size = int(state["config"]["data"]["size"])
+        graphs = export_propagation(propagate_train.load_model(state), directory, f"member{index}", size, policy)
+        members.append(OnnxBackend(graphs, threads=threads))
+    return stream_fps(members, frames, labels, policy)
 
 
 def key_frame_tuned(model, sequences: dict, policy: MemoryPolicy, trained_on: list[str]) -> dict:
@@ -231,14 +243,20 @@ def bench_propagate(
             "torch": round(stream_fps(TorchBackend(model, policy.top_k), frames[0], truth[0, 0], policy), 1),
             "onnxruntime": round(stream_fps(onnx, frames[0], truth[0, 0], policy), 1),
             "onnxruntime_flip_average": round(stream_fps(onnx, frames[0], truth[0, 0], flipped), 1),
+            "onnxruntime_ensemble": (
+                round(ensemble_fps(members, Path(directory), frames[0], truth[0, 0], policy, threads), 1)
+                if len(members) > 1
+                else None
+            ),
             "objects": int(len(np.unique(truth[0, 0])) - (0 in truth[0, 0])),
             "frames": 60,
         }
-        real = real_flipped = real_tuned = real_guided = real_last_weights = real_ensemble = None
+        real = real_min_area_off = real_flipped = real_tuned = real_guided = real_last_weights = real_ensemble = None
         if real_root is not None:
             spec = DataSpec(kind="vocalfolds", uri=str(real_root), size=size)
             sequences = named_sequences(spec)
             real = evaluate_sequences(onnx, sequences, policy)
+            real_min_area_off = jf_summary(onnx, sequences, policy.model_copy(update={"min_area": 0.0}), trained_on)
             scored = evaluate_sequences(onnx, sequences, flipped)
             real_flipped = {
                 "mean_jf": scored["mean"]["J&F"],
@@ -277,6 +295,7 @@ def bench_propagate(
         "real_held_out_void_excluded_jf": real and real["held_out_void_excluded_jf"],  # a diagnostic, not the target
         "real_mean_jf": real and real["mean"]["J&F"],
         "real_sequences": real and real["sequences"],
+        "real_min_area_off": real_min_area_off,  # the same stream without the policy's min_area
         "real_flip_average": real_flipped,
         "real_key_frame_tuning": real_tuned,
         "real_segmenter_guide": real_guided,

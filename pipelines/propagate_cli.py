@@ -37,6 +37,15 @@ FlipAverageOption = Annotated[
     bool,
     typer.Option(help="also propagate the mirrored frames (own memory) and average the two; twice the time"),
 ]
+MinAreaOption = Annotated[
+    float,
+    typer.Option(
+        help="an object covering less than this fraction of a propagated frame is taken as absent there (its pixels "
+        "get their next most probable label; 0: off)",
+        min=0.0,
+        max=0.5,
+    ),
+]
 TuneStepsOption = Annotated[
     int,
     typer.Option(
@@ -59,7 +68,9 @@ ThreadsOption = Annotated[int | None, typer.Option(help="CPU threads for inferen
 SequencesOption = Annotated[list[str] | None, typer.Option("--sequence", help="vocalfolds sequence, repeatable")]
 
 
-def _policy(mem_every: int, max_memory: int, previous_frame: bool, top_k: int, flip_average: bool = False):
+def _policy(
+    mem_every: int, max_memory: int, previous_frame: bool, top_k: int, flip_average: bool = False, min_area: float = 0.0
+):
     from training.propagate.inference import MemoryPolicy
 
     return MemoryPolicy(
@@ -68,6 +79,7 @@ def _policy(mem_every: int, max_memory: int, previous_frame: bool, top_k: int, f
         previous_frame=previous_frame,
         top_k=top_k or None,
         flip_average=flip_average,
+        min_area=min_area,
     )
 
 
@@ -175,6 +187,7 @@ def evaluate(
     previous_frame: PreviousFrameOption = True,
     top_k: TopKOption = 20,
     flip_average: FlipAverageOption = False,
+    min_area: MinAreaOption = 0.0,
     tune_steps: TuneStepsOption = 0,
     tune_lr: TuneLrOption = 1e-4,
     segmenter: Annotated[
@@ -189,7 +202,7 @@ def evaluate(
     from pipelines.propagate_flow import evaluate_sequences, load_backends, named_sequences, with_key_frame_tuning
     from training.data.folders import DataError
 
-    policy = _policy(mem_every, max_memory, previous_frame, top_k, flip_average)
+    policy = _policy(mem_every, max_memory, previous_frame, top_k, flip_average, min_area)
     tuning, report = _tuning(tune_steps, tune_lr)
     try:
         backend, size = load_backends(model, policy, size, threads, _tracking(tracking_uri))
@@ -245,6 +258,7 @@ def run(
     previous_frame: PreviousFrameOption = True,
     top_k: TopKOption = 20,
     flip_average: FlipAverageOption = False,
+    min_area: MinAreaOption = 0.0,
     tune_steps: TuneStepsOption = 0,
     tune_lr: TuneLrOption = 1e-4,
     guide_weight: GuideWeightOption = 0.0,
@@ -255,7 +269,7 @@ def run(
     from pipelines.propagate_flow import load_backends, with_key_frame_tuning
     from training.data.folders import DataError
 
-    policy = _policy(mem_every, max_memory, previous_frame, top_k, flip_average)
+    policy = _policy(mem_every, max_memory, previous_frame, top_k, flip_average, min_area)
     tuning, report = _tuning(tune_steps, tune_lr)
     try:
         backend, size = load_backends(model, policy, size, None, _tracking(tracking_uri))
@@ -356,6 +370,7 @@ def pseudo_label(
     min_kept: Annotated[float, typer.Option(help="a frame is written if this fraction of it is kept")] = 0.5,
     size: SizeOption = None,
     flip_average: FlipAverageOption = False,
+    min_area: MinAreaOption = 0.0,
     tune_steps: TuneStepsOption = 0,
     tune_lr: TuneLrOption = 1e-4,
     check_truth: Annotated[bool, typer.Option(help="vocalfolds: score kept pixels against the annotations")] = True,
@@ -374,7 +389,8 @@ def pseudo_label(
     from training.propagate.sequences import labelled_sequences, sequence_names, unlabelled_sequences
 
     cfg = PseudoLabelConfig(threshold=threshold, key_every=key_every, min_kept=min_kept)
-    cfg = cfg.model_copy(update={"memory": cfg.memory.model_copy(update={"flip_average": flip_average})})
+    memory = cfg.memory.model_copy(update={"flip_average": flip_average, "min_area": min_area})
+    cfg = cfg.model_copy(update={"memory": memory})
     tuning, report = _tuning(tune_steps, tune_lr)
     try:
         backend, size = load_backends(model, cfg.memory, size, None, _tracking(tracking_uri))

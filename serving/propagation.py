@@ -41,6 +41,7 @@ class PropagationMetadata:
     mem_every: int
     max_memory: int
     previous_frame: bool  # graphs exported before the flag existed read without it
+    min_area: float  # 0 for graphs exported before the option existed
 
     @classmethod
     def from_props(cls, props: dict[str, str], source: Path) -> PropagationMetadata:
@@ -61,11 +62,26 @@ class PropagationMetadata:
                 mem_every=int(memory["mem_every"]),
                 max_memory=int(memory["max_memory"]),
                 previous_frame=bool(memory.get("previous_frame", False)),
+                min_area=float(memory.get("min_area", 0.0)),
             )
         except KeyError as err:
             raise ValueError(f"{source}: propagation metadata key {err} is missing") from err
         except (ValueError, TypeError) as err:
             raise ValueError(f"{source}: invalid propagation metadata: {err}") from err
+
+
+def winning_channels(probs_nhw: np.ndarray, min_area: float) -> np.ndarray:
+    """(h, w) most probable channel of one frame's probabilities (N + 1, h, w), where an object winning fewer than
+    `min_area` of the pixels is taken as absent and its pixels get their next most probable channel (one pass;
+    background never drops out). The contract's rule (training/propagate/export.py); serving ships without training/."""
+    winners = probs_nhw.argmax(0)
+    counts = np.bincount(winners.ravel(), minlength=len(probs_nhw))
+    absent = [c for c in range(1, len(probs_nhw)) if 0 < counts[c] < min_area * winners.size]
+    if not absent:
+        return winners
+    kept = probs_nhw.copy()
+    kept[absent] = -1.0
+    return kept.argmax(0)
 
 
 def resolve_graphs(ref: str, cache_dir: str | None = None, tracking_uri: str | None = None) -> dict[str, ResolvedModel]:
@@ -195,7 +211,7 @@ class Stream:
         memory_keys = np.concatenate([k for k, _ in read], axis=0)
         memory_values = np.stack([v for _, v in read], axis=1)
         probs = model.segment(key, f16, f8, f4, memory_keys, memory_values)
-        labels = self.lookup[probs[0].argmax(0)]
+        labels = self.lookup[winning_channels(probs[0], metadata.min_area)]
         self.previous, keep = None, t % metadata.mem_every == 0
         if keep or metadata.previous_frame:
             entry = (key, model.encode_value(image, f16, np.ascontiguousarray(probs[0, 1:, None])))

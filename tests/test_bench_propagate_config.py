@@ -11,6 +11,7 @@ from pipelines.bench_propagate import (
     GUIDE_WEIGHT,
     bench_config,
     bench_propagate,
+    ensemble_fps,
     ensemble_of_seeds,
     guide_segmenter_config,
     held_out_mean,
@@ -81,3 +82,13 @@ def test_ensemble_of_seeds_scores_the_ensemble_and_each_member(tmp_path):
     first, second = (member["sequences"] for member in both["each_member"])
     assert first == twice["sequences"] and second != first  # members scored alone, each with its own weights
     assert both["sequences"] not in (first, second)  # the ensemble is neither member
+
+    off = ensemble_of_seeds(paths, sequences, policy.model_copy(update={"min_area": 0.0}), ["seq1"])
+    assert off["min_area_off"] == {key: off[key] for key in ("mean_jf", "held_out_mean_jf", "sequences")}
+    bounded = ensemble_of_seeds(paths, sequences, policy.model_copy(update={"min_area": 0.3}), ["seq1"])
+    assert bounded["min_area_off"]["sequences"] == off["sequences"] != bounded["sequences"]
+
+    graphs = tmp_path / "graphs"
+    graphs.mkdir()
+    assert ensemble_fps(paths, graphs, frames, truth[0], policy, threads=1) > 0
+    assert sorted(f.name for f in graphs.glob("*.segment.onnx")) == ["member0.segment.onnx", "member1.segment.onnx"]

@@ -74,6 +74,7 @@ def test_resume_export_and_sequence_parity(trained):
             "max_memory": 8,
             "previous_frame": True,
             "top_k": 20,
+            "min_area": 0.0,
         }
         assert json.loads(metadata["endoflow.input_size"]) == [64, 64]
         assert json.loads(metadata["endoflow.class_names"])[1] == "vocal_folds"
@@ -158,6 +159,11 @@ def test_evaluate_cli_on_a_folder_of_sequences(trained, tmp_path):
     flip_report = json.loads((tmp_path / "flip.json").read_text())
     assert flip_report["policy"]["flip_average"] is True and report["policy"]["flip_average"] is False
     assert 0 <= flip_report["mean"]["J&F"] <= 1 and flip_report["copy_first_mean"] == report["copy_first_mean"]
+    bounded = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "min.json"), "--size", "64", "--min-area", "0.2"])
+    assert bounded.exit_code == 0, bounded.output
+    assert json.loads((tmp_path / "min.json").read_text())["policy"]["min_area"] == 0.2
+    too_large = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "x.json"), "--min-area", "0.9"])
+    assert too_large.exit_code == 2 and "--min-area" in too_large.output
     # the graphs and the checkpoint of one model as a two-member ensemble: the same masks up to rounding
     both = [*args, "--model", str(result.model_path), "--out", str(tmp_path / "both.json"), "--size", "64"]
     assert CliRunner().invoke(app, both).exit_code == 0

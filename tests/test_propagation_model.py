@@ -9,7 +9,13 @@ import torch
 
 from training.models.propagation.memory import affinity, read, readout
 from training.models.propagation.network import PropagationConfig, PropagationNet, flatten_memory
-from training.propagate.inference import MemoryPolicy, TorchBackend, propagate, propagate_both_ways
+from training.propagate.inference import (
+    MemoryPolicy,
+    TorchBackend,
+    propagate,
+    propagate_both_ways,
+    winning_channels,
+)
 
 SMALL = PropagationConfig(key_dim=8, value_dim=16, c4=8, c8=16, c16=24, decoder_width=16)
 
@@ -174,6 +180,46 @@ def test_an_ensemble_averages_its_members_streams(model):
     _, other_confidence = propagate(other, frames, mask, MemoryPolicy())
     assert len(counting.memory_sizes) == 5  # every later frame read once from this member's own memory
     assert not np.allclose(mixed_confidence, single_confidence) and not np.allclose(mixed_confidence, other_confidence)
+
+
+def test_min_area_gives_a_speck_its_next_most_probable_label():
+    """A hand-made frame, 10×10 = 100 pixels: object 2 wins 3 pixels (object 1 second there), background wins 2."""
+    probs = np.zeros((4, 10, 10), np.float32)
+    probs[1] = 0.6  # object 1 everywhere...
+    probs[0, 0, :2] = 0.9  # ...but background takes 2 pixels,
+    probs[2, 5, 5:8], probs[1, 5, 5:8] = 0.5, 0.4  # object 2 takes 3,
+    probs[3, 9, :5] = 0.7  # and object 3 takes 5
+    plain = winning_channels(probs)
+    assert np.bincount(plain.ravel(), minlength=4).tolist() == [2, 90, 3, 5]
+    assert np.array_equal(winning_channels(probs, 0.0), plain)
+    dropped = winning_channels(probs, 0.04)  # under 4 pixels: object 2 only (background never drops out)
+    assert np.bincount(dropped.ravel(), minlength=4).tolist() == [2, 93, 0, 5]
+    assert (dropped[5, 5:8] == 1).all()
+    assert np.bincount(winning_channels(probs, 0.05).ravel(), minlength=4).tolist() == [2, 93, 0, 5]  # 5 stays
+    assert np.bincount(winning_channels(probs, 0.06).ravel(), minlength=4).tolist() == [2, 98, 0, 0]
+
+
+def test_min_area_changes_the_labels_not_the_memory(model):
+    """Only the pixels of objects under the bound change, frame by frame: what was remembered is the same."""
+    rng = np.random.default_rng(5)
+    frames = rng.integers(0, 255, (8, 32, 32, 3), dtype=np.uint8)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[2:20, 2:20], mask[22:26, 22:26], mask[26:30, 2:6] = 1, 2, 5
+    plain, plain_confidence = propagate(TorchBackend(model, None), frames, mask, MemoryPolicy())
+    min_area = 0.05
+    bounded, confidence = propagate(TorchBackend(model, None), frames, mask, MemoryPolicy(min_area=min_area))
+    assert np.array_equal(bounded[0], mask)  # the given frame is never touched
+    dropped_somewhere = False
+    for t in range(1, len(frames)):
+        counts = np.bincount(plain[t].ravel(), minlength=6)
+        small = [o for o in (1, 2, 5) if 0 < counts[o] < min_area * plain[t].size]
+        specks = np.isin(plain[t], small)
+        assert np.array_equal(bounded[t][~specks], plain[t][~specks])
+        assert not np.isin(bounded[t], small).any()
+        assert np.array_equal(confidence[t][~specks], plain_confidence[t][~specks])
+        assert (confidence[t][specks] <= plain_confidence[t][specks]).all()  # the next label's, not the speck's
+        dropped_somewhere |= bool(specks.any())
+    assert dropped_somewhere  # the bound mattered here, so the comparison above tested something
 
 
 def test_bidirectional_from_a_middle_key_frame(model):

@@ -130,6 +130,34 @@ def test_graphs_exported_before_previous_frame_stream_without_it(graphs_dir: Pat
     assert np.array_equal(np.stack(got), expected)
 
 
+def test_min_area_in_the_metadata_streams_as_the_reference_loop(graphs_dir: Path, tmp_path: Path) -> None:
+    """endoflow.memory's min_area (0 when absent, as in older exports): serving drops the objects under it exactly
+    as training's propagate() does."""
+    from training.propagate.export import OnnxBackend, load_graphs
+    from training.propagate.inference import MemoryPolicy, propagate
+
+    min_area = 0.3  # large enough that this untrained net loses an object somewhere
+    for folder, bound in (("old", None), ("bounded", min_area)):
+        (tmp_path / folder).mkdir()
+        for graph in GRAPHS:
+            model = onnx.load(str(graphs_dir / f"propagation.{graph}.onnx"))
+            props = {p.key: p.value for p in model.metadata_props}
+            memory = {k: v for k, v in json.loads(props["endoflow.memory"]).items() if k != "min_area"}
+            memory |= {} if bound is None else {"min_area": bound}
+            helper.set_model_props(model, props | {"endoflow.memory": json.dumps(memory)})
+            onnx.save_model(model, str(tmp_path / folder / f"propagation.{graph}.onnx"))
+    assert OnnxPropagator(resolve_graphs(str(tmp_path / "old"))).metadata.min_area == 0.0
+    frames, mask = clip(7)
+    policy = MemoryPolicy(mem_every=2, max_memory=3, min_area=min_area)
+    expected, _ = propagate(OnnxBackend(load_graphs(graphs_dir)), frames, mask, policy)
+    plain, _ = propagate(OnnxBackend(load_graphs(graphs_dir)), frames, mask, policy.model_copy(update={"min_area": 0}))
+    assert not np.array_equal(expected, plain)
+    model = OnnxPropagator(resolve_graphs(str(tmp_path / "bounded")))
+    assert model.metadata.min_area == min_area
+    stream = Stream(model, frames[0], mask)
+    assert np.array_equal(np.stack([mask, *[stream.step(f) for f in frames[1:]]]), expected)
+
+
 def test_graphs_of_two_exports_are_refused(graphs_dir: Path, tmp_path: Path) -> None:
     """What a reload sees while a registry's three aliases move one by one: it must not serve that mix."""
     mixed = retrained(graphs_dir, tmp_path / "mixed", "run-2")

@@ -30,8 +30,9 @@ Metadata (`metadata_props`, all strings; JSON where structured), identical in th
   endoflow.input_size [H, W] (training size); endoflow.normalization {"mean": [3], "std": [3]};
   endoflow.size_multiple "16"; endoflow.key_stride "16";
   endoflow.dims {"key": Dk, "value": Dv, "f16": C16, "f8": C8, "f4": C4};
-  endoflow.memory {"mem_every": 2, "max_memory": 8, "previous_frame": true, "top_k": 20} (defaults; top_k is baked
-    into segment, null = all; graphs without previous_frame predate it and mean false);
+  endoflow.memory {"mem_every": 2, "max_memory": 8, "previous_frame": true, "top_k": 20, "min_area": 0.0}
+    (defaults; top_k is baked into segment, null = all; graphs without previous_frame or min_area predate them and
+    mean false and 0);
   endoflow.source_run_id; endoflow.model_config (the torch config, for provenance).
 
 How a client runs a stream (training/propagate/inference.py does exactly this in torch):
@@ -40,7 +41,8 @@ How a client runs a stream (training/propagate/inference.py does exactly this in
     memory = [(key, value, frame 0)]; its output is the given mask.
   every later frame t: key, f16, f8, f4 = encode_key(image_t);
     probs = segment(key, f16, f8, f4, concat(memory keys, axis 0), concat(memory values, axis 1));
-    label_t = 0 where argmax(probs, 1) == 0, else objects[argmax − 1].
+    label_t = 0 where argmax(probs, 1) == 0, else objects[argmax − 1]; an object winning fewer than min_area × H × W
+    pixels is absent from frame t: argmax again with its channel out (one pass; background never drops out).
     if t is a multiple of mem_every (counted from the key frame): append (key, encode_value(image_t, f16_t,
     probs[0, 1:, None])); if the memory then holds more than max_memory frames, drop the oldest frame that is
     not the key frame (the key frame is always kept).

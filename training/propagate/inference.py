@@ -31,13 +31,34 @@ class MemoryPolicy(StrictModel):
     memory positions. mem_every 2 rather than 5: on vocalfolds seq1–3 J&F 0.766 against 0.716 (bench model), 0.750
     against 0.724 (a wider one), at about the same speed, as the memory stays bounded. flip_average: a second stream
     with its own memory runs on the mirrored frames, and every frame takes the mean of both streams' probabilities
-    (test-time augmentation at twice the cost; an offline option, not part of the graphs' streaming contract)."""
+    (test-time augmentation at twice the cost; an offline option, not part of the graphs' streaming contract).
+    min_area: an object winning less than this fraction of a frame is taken as absent from that frame
+    (winning_channels); it changes the labels only, the memory still gets the probabilities."""
 
     mem_every: int = Field(2, ge=1)
     max_memory: int = Field(8, ge=1)
     previous_frame: bool = True
     top_k: int | None = Field(20, ge=1)
     flip_average: bool = False
+    min_area: float = Field(0.0, ge=0, lt=1)
+
+
+def winning_channels(probs_nhw: np.ndarray, min_area: float = 0.0) -> np.ndarray:
+    """(H, W) channel index of one frame's probabilities (N + 1, H, W): each pixel's most probable of background
+    and the objects. An object winning fewer than `min_area` of the frame's pixels is taken as absent from the frame
+    and its pixels get their next most probable label: J and F score an object painted on a frame without it 0,
+    and a speck is more often such a ghost than the object itself. Background is never dropped. One pass: an
+    object that shrinks under the bound only because another was dropped stays."""
+    winners = probs_nhw.argmax(0)
+    if min_area > 0:
+        counts = np.bincount(winners.ravel(), minlength=len(probs_nhw))
+        absent = np.flatnonzero((counts > 0) & (counts < min_area * winners.size))
+        absent = absent[absent > 0]
+        if absent.size:
+            kept = probs_nhw.copy()
+            kept[absent] = -1.0
+            winners = kept.argmax(0)
+    return winners
 
 
 # A "backend" turns the three graph calls into numpy in, numpy out, so torch and onnxruntime streams share this code.
@@ -198,8 +219,9 @@ def propagate(
         probs = sum(stream.read(image) for stream in streams) / len(streams)
         if guide is not None:
             probs = guide.mix(t, probs, objects)
-        labels[t] = lookup[probs[0].argmax(0)]
-        confidence[t] = probs[0].max(0)
+        winners = winning_channels(probs[0], policy.min_area)
+        labels[t] = lookup[winners]
+        confidence[t] = np.take_along_axis(probs[0], winners[None], 0)[0]
         for stream in streams:
             stream.remember(t, probs)
     return labels, confidence
