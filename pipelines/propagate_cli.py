@@ -37,11 +37,23 @@ FlipAverageOption = Annotated[
     bool,
     typer.Option(help="also propagate the mirrored frames (own memory) and average the two; twice the time"),
 ]
+DEFAULT_MIN_AREA = 0.005  # MemoryPolicy's default, written out so that --help needs no torch import
 MinAreaOption = Annotated[
     float,
     typer.Option(
         help="an object covering less than this fraction of a propagated frame is taken as absent there (its pixels "
         "get their next most probable label; 0: off)",
+        min=0.0,
+        max=0.5,
+    ),
+]
+# `propagate` on a CT volume: an organ's first and last slices are small by nature, and the rule was chosen on video.
+VolumeMinAreaOption = Annotated[
+    float | None,
+    typer.Option(
+        "--min-area",
+        help=f"as for evaluate; default {DEFAULT_MIN_AREA} for video frames, 0 (off) for CT volumes, whose organs "
+        "are small in their first and last slices",
         min=0.0,
         max=0.5,
     ),
@@ -69,7 +81,12 @@ SequencesOption = Annotated[list[str] | None, typer.Option("--sequence", help="v
 
 
 def _policy(
-    mem_every: int, max_memory: int, previous_frame: bool, top_k: int, flip_average: bool = False, min_area: float = 0.0
+    mem_every: int,
+    max_memory: int,
+    previous_frame: bool,
+    top_k: int,
+    flip_average: bool = False,
+    min_area: float = DEFAULT_MIN_AREA,
 ):
     from training.propagate.inference import MemoryPolicy
 
@@ -187,7 +204,7 @@ def evaluate(
     previous_frame: PreviousFrameOption = True,
     top_k: TopKOption = 20,
     flip_average: FlipAverageOption = False,
-    min_area: MinAreaOption = 0.0,
+    min_area: MinAreaOption = DEFAULT_MIN_AREA,
     tune_steps: TuneStepsOption = 0,
     tune_lr: TuneLrOption = 1e-4,
     segmenter: Annotated[
@@ -258,7 +275,7 @@ def run(
     previous_frame: PreviousFrameOption = True,
     top_k: TopKOption = 20,
     flip_average: FlipAverageOption = False,
-    min_area: MinAreaOption = 0.0,
+    min_area: VolumeMinAreaOption = None,
     tune_steps: TuneStepsOption = 0,
     tune_lr: TuneLrOption = 1e-4,
     guide_weight: GuideWeightOption = 0.0,
@@ -269,12 +286,15 @@ def run(
     from pipelines.propagate_flow import load_backends, with_key_frame_tuning
     from training.data.folders import DataError
 
+    volume = input.name.endswith((".nii", ".nii.gz"))
+    if min_area is None:
+        min_area = 0.0 if volume else DEFAULT_MIN_AREA
     policy = _policy(mem_every, max_memory, previous_frame, top_k, flip_average, min_area)
     tuning, report = _tuning(tune_steps, tune_lr)
     try:
         backend, size = load_backends(model, policy, size, None, _tracking(tracking_uri))
         backend = with_key_frame_tuning(backend, tuning, report)
-        if input.name.endswith((".nii", ".nii.gz")):
+        if volume:
             if guide_weight > 0:
                 raise ValueError("--guide-weight applies to video frames; CT volumes propagate from their key slices")
             written = _run_volume(backend, input, labels, key_slices, out, policy, size)
@@ -370,7 +390,7 @@ def pseudo_label(
     min_kept: Annotated[float, typer.Option(help="a frame is written if this fraction of it is kept")] = 0.5,
     size: SizeOption = None,
     flip_average: FlipAverageOption = False,
-    min_area: MinAreaOption = 0.0,
+    min_area: MinAreaOption = DEFAULT_MIN_AREA,
     tune_steps: TuneStepsOption = 0,
     tune_lr: TuneLrOption = 1e-4,
     check_truth: Annotated[bool, typer.Option(help="vocalfolds: score kept pixels against the annotations")] = True,

@@ -74,7 +74,7 @@ def test_resume_export_and_sequence_parity(trained):
             "max_memory": 8,
             "previous_frame": True,
             "top_k": 20,
-            "min_area": 0.0,
+            "min_area": 0.005,
         }
         assert json.loads(metadata["endoflow.input_size"]) == [64, 64]
         assert json.loads(metadata["endoflow.class_names"])[1] == "vocal_folds"

@@ -199,6 +199,12 @@ def test_min_area_gives_a_speck_its_next_most_probable_label():
     assert np.bincount(winning_channels(probs, 0.06).ravel(), minlength=4).tolist() == [2, 98, 0, 0]
 
 
+def test_the_cli_default_min_area_is_the_policy_default():
+    from pipelines.propagate_cli import DEFAULT_MIN_AREA
+
+    assert DEFAULT_MIN_AREA == MemoryPolicy().min_area > 0
+
+
 def test_min_area_changes_the_labels_not_the_memory(model):
     """Only the pixels of objects under the bound change, frame by frame: what was remembered is the same."""
     rng = np.random.default_rng(5)
