@@ -1,7 +1,8 @@
 """Propagation benchmark → runs/bench/propagate.json: J&F on simulator sequences and on the vocalfolds sequences
 (first labelled frame given, beside the copy-first-mask baseline), torch/onnxruntime sequence parity, and
 frames/s of the whole stream (encode_key + segment every frame, encode_value every frame with the default policy's
-previous_frame, else every mem_every-th) at 256×256 with 2 CPU threads for torch and for onnxruntime. The vocalfolds
+previous_frame, else every mem_every-th) at 256×256 with 2 CPU threads for torch and for onnxruntime. Every score
+uses the default MemoryPolicy (min_area 0.005; the vocalfolds J&F without it is real_min_area_off). The vocalfolds
 J&F and the onnxruntime frames/s are also given with the policy's flip_average (two mirrored streams averaged), and
 the vocalfolds J&F with key-frame tuning (a copy of the network trained on the first frame's deformed views before
 each sequence; torch, about a minute a sequence here) and with a segmenter guide (a segmentation network trained on
