@@ -54,6 +54,10 @@ class PropagationMetadata:
             stride = int(props["endoflow.key_stride"])
             if len(size) != 2 or size[0] % stride or size[1] % stride:
                 raise ValueError(f"input_size {size} is not [H, W] in multiples of the key stride {stride}")
+            if not 0 <= float(memory.get("min_area", 0.0)) < 1:
+                raise ValueError(
+                    f"endoflow.memory min_area {memory['min_area']}: expected a fraction of the frame in [0, 1)"
+                )
             return cls(
                 class_names=tuple(json.loads(props["endoflow.class_names"])),
                 input_size=(int(size[0]), int(size[1])),

@@ -137,7 +137,7 @@ def test_min_area_in_the_metadata_streams_as_the_reference_loop(graphs_dir: Path
     from training.propagate.inference import MemoryPolicy, propagate
 
     min_area = 0.3  # large enough that this untrained net loses an object somewhere
-    for folder, bound in (("old", None), ("bounded", min_area)):
+    for folder, bound in (("old", None), ("bounded", min_area), ("whole_frame", 1.5)):
         (tmp_path / folder).mkdir()
         for graph in GRAPHS:
             model = onnx.load(str(graphs_dir / f"propagation.{graph}.onnx"))
@@ -147,6 +147,8 @@ def test_min_area_in_the_metadata_streams_as_the_reference_loop(graphs_dir: Path
             helper.set_model_props(model, props | {"endoflow.memory": json.dumps(memory)})
             onnx.save_model(model, str(tmp_path / folder / f"propagation.{graph}.onnx"))
     assert OnnxPropagator(resolve_graphs(str(tmp_path / "old"))).metadata.min_area == 0.0
+    with pytest.raises(ValueError, match=r"whole_frame.*min_area 1.5: expected a fraction of the frame in \[0, 1\)"):
+        OnnxPropagator(resolve_graphs(str(tmp_path / "whole_frame")))
     frames, mask = clip(7)
     policy = MemoryPolicy(mem_every=2, max_memory=3, min_area=min_area)
     expected, _ = propagate(OnnxBackend(load_graphs(graphs_dir)), frames, mask, policy)
