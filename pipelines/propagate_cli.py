@@ -52,8 +52,9 @@ VolumeMinAreaOption = Annotated[
     float | None,
     typer.Option(
         "--min-area",
-        help=f"as for evaluate; default {DEFAULT_MIN_AREA} for video frames, 0 (off) for CT volumes, whose organs "
-        "are small in their first and last slices",
+        help="an object covering less than this fraction of a propagated frame or slice is taken as absent there "
+        f"(its pixels get their next most probable label; 0: off); default {DEFAULT_MIN_AREA} for video frames, 0 "
+        "for CT volumes, whose organs are small in their first and last slices",
         min=0.0,
         max=0.5,
     ),
