@@ -54,10 +54,9 @@ class PropagationMetadata:
             stride = int(props["endoflow.key_stride"])
             if len(size) != 2 or size[0] % stride or size[1] % stride:
                 raise ValueError(f"input_size {size} is not [H, W] in multiples of the key stride {stride}")
-            if not 0 <= float(memory.get("min_area", 0.0)) < 1:
-                raise ValueError(
-                    f"endoflow.memory min_area {memory['min_area']}: expected a fraction of the frame in [0, 1)"
-                )
+            min_area = float(memory.get("min_area", 0.0))
+            if not 0 <= min_area < 1:
+                raise ValueError(f"endoflow.memory min_area {min_area}: expected a fraction of the frame in [0, 1)")
             return cls(
                 class_names=tuple(json.loads(props["endoflow.class_names"])),
                 input_size=(int(size[0]), int(size[1])),
@@ -66,7 +65,7 @@ class PropagationMetadata:
                 mem_every=int(memory["mem_every"]),
                 max_memory=int(memory["max_memory"]),
                 previous_frame=bool(memory.get("previous_frame", False)),
-                min_area=float(memory.get("min_area", 0.0)),
+                min_area=min_area,
             )
         except KeyError as err:
             raise ValueError(f"{source}: propagation metadata key {err} is missing") from err
@@ -79,6 +78,8 @@ def winning_channels(probs_nhw: np.ndarray, min_area: float) -> np.ndarray:
     `min_area` of the pixels is taken as absent and its pixels get their next most probable channel (one pass;
     background never drops out). The contract's rule (training/propagate/export.py); serving ships without training/."""
     winners = probs_nhw.argmax(0)
+    if min_area <= 0:
+        return winners
     counts = np.bincount(winners.ravel(), minlength=len(probs_nhw))
     absent = [c for c in range(1, len(probs_nhw)) if 0 < counts[c] < min_area * winners.size]
     if not absent:
