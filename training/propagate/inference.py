@@ -35,7 +35,9 @@ class MemoryPolicy(StrictModel):
     min_area: an object winning less than this fraction of a frame is taken as absent from that frame
     (winning_channels); it changes the labels only, the memory still gets the probabilities. 0.005 was chosen on
     vocalfolds seq1–3 and simulator sequences, and kept by a rule fixed beforehand: held-out seq4 gained 0.031, 0.026
-    and 0.032 on three 30-epoch bench seeds (README)."""
+    and 0.032 on three 30-epoch bench seeds (README). max_memory 8: 16 and 32 tied with it on seq1–3 and the
+    simulator sequences, which are too short to fill them; on one 45-epoch checkpoint the 66-frame seq4 and 80-frame
+    simulator sequences scored higher with 16 or 32 (README, ninth experiment); 16 streams 40–45 frames/s, 8 50–51."""
 
     mem_every: int = Field(2, ge=1)
     max_memory: int = Field(8, ge=1)
