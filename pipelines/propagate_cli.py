@@ -86,8 +86,8 @@ def _policy(
     max_memory: int,
     previous_frame: bool,
     top_k: int,
-    flip_average: bool = False,
-    min_area: float = DEFAULT_MIN_AREA,
+    flip_average: bool,
+    min_area: float,
 ):
     from training.propagate.inference import MemoryPolicy
 
