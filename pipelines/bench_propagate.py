@@ -7,7 +7,9 @@ J&F and the onnxruntime frames/s are also given with the policy's flip_average (
 the vocalfolds J&F with key-frame tuning (a copy of the network trained on the first frame's deformed views before
 each sequence; torch, about a minute a sequence here) and with a segmenter guide (a segmentation network trained on
 vocalfolds seq1–3, `guide_segmenter_config`, mixed into every frame at GUIDE_WEIGHT; also scored alone). When the
-model is a weight average with its last trained weights saved beside it, those are scored too.
+model is a weight average with its last trained weights saved beside it, those are scored too. The memory's length
+is swept (MEMORY_SIZES as max_memory) on vocalfolds, on six 80-frame simulator sequences (LONG_SIM; the others are
+too short to fill a larger memory) and for the onnxruntime frames/s.
 
 Without --model it uses runs/artifacts/propagate-bench.pt, training it first when missing (`bench_config`: 4500
 clip batches at 256×256, 42 min on 2 idle AMD EPYC cores, over an hour on slower or shared ones; a stopped run
@@ -50,6 +52,8 @@ from training.segment.config import SegmentJobConfig
 
 TRAIN_SEQUENCES = ["seq1", "seq2", "seq3"]
 GUIDE_WEIGHT = 0.5  # fixed before any guided run was scored: an even mix, not tuned on seq4
+MEMORY_SIZES = (8, 16, 32)  # max_memory values the bench also scores: seq4 (66 frames) outgrows a memory of 8
+LONG_SIM = {"n_sequences": 6, "length": 80, "seed": 4244}  # simulator sequences long enough to fill 32 entries
 
 
 def bench_config(real_root: Path | None, runs_dir: str = "runs", seed: int = 0) -> PropagateJobConfig:
@@ -120,6 +124,15 @@ def segmenter_guided(onnx, segmenter, sequences: dict, policy: MemoryPolicy, tra
             name: {"J&F": s["J&F"], "segmenter_only": s["segmenter_only"]["J&F"], "per_object_J": s["per_object_J"]}
             for name, s in scored["sequences"].items()
         },
+    }
+
+
+def memory_sweep(backend, sequences: dict, policy: MemoryPolicy, trained_on: list[str]) -> dict:
+    """J&F with each of MEMORY_SIZES as max_memory (the rest of `policy` as is): the mean, the held-out mean and
+    every sequence's, keyed by the memory size."""
+    return {
+        str(size): jf_summary(backend, sequences, policy.model_copy(update={"max_memory": size}), trained_on)
+        for size in MEMORY_SIZES
     }
 
 
@@ -239,11 +252,18 @@ def bench_propagate(
         frames, truth = simulate_sequences(6, 30, seed=4242, style="real-like", size=size)
         sim = evaluate_sequences(onnx, {f"sim{s}": (frames[s], truth[s]) for s in range(len(frames))}, policy)
         parity = sequence_parity(model, graphs, frames[0], truth[0], policy)
+        frames, truth = simulate_sequences(**LONG_SIM, style="real-like", size=size)
+        long_sim = {f"long{s}": (frames[s], truth[s]) for s in range(len(frames))}
+        sim_long_memory = memory_sweep(onnx, long_sim, policy, trained_on=[])
         frames, truth = simulate_sequences(1, 60, seed=4243, style="real-like", size=256)
         fps = {
             "torch": round(stream_fps(TorchBackend(model, policy.top_k), frames[0], truth[0, 0], policy), 1),
             "onnxruntime": round(stream_fps(onnx, frames[0], truth[0, 0], policy), 1),
             "onnxruntime_flip_average": round(stream_fps(onnx, frames[0], truth[0, 0], flipped), 1),
+            "onnxruntime_by_max_memory": {
+                str(m): round(stream_fps(onnx, frames[0], truth[0, 0], policy.model_copy(update={"max_memory": m})), 1)
+                for m in MEMORY_SIZES
+            },
             "onnxruntime_ensemble": (
                 round(ensemble_fps(members, Path(directory), frames[0], truth[0, 0], policy, threads), 1)
                 if len(members) > 1
@@ -252,12 +272,14 @@ def bench_propagate(
             "objects": int(len(np.unique(truth[0, 0])) - (0 in truth[0, 0])),
             "frames": 60,
         }
-        real = real_min_area_off = real_flipped = real_tuned = real_guided = real_last_weights = real_ensemble = None
+        real = real_memory = real_min_area_off = real_flipped = real_tuned = real_guided = None
+        real_last_weights = real_ensemble = None
         if real_root is not None:
             spec = DataSpec(kind="vocalfolds", uri=str(real_root), size=size)
             sequences = named_sequences(spec)
             real = evaluate_sequences(onnx, sequences, policy)
             real_min_area_off = jf_summary(onnx, sequences, policy.model_copy(update={"min_area": 0.0}), trained_on)
+            real_memory = memory_sweep(onnx, sequences, policy, trained_on)
             scored = evaluate_sequences(onnx, sequences, flipped)
             real_flipped = {
                 "mean_jf": scored["mean"]["J&F"],
@@ -291,12 +313,14 @@ def bench_propagate(
         "policy": policy.model_dump(),
         "sim_mean": sim["mean"],
         "sim_copy_first_mean": sim["copy_first_mean"],
+        "sim_long_memory": {"sequences": LONG_SIM, "by_max_memory": sim_long_memory},
         "real_held_out_mean_jf": real and real["held_out_mean_jf"],
         "real_held_out_copy_first_jf": real and real["held_out_copy_first_jf"],
         "real_held_out_void_excluded_jf": real and real["held_out_void_excluded_jf"],  # a diagnostic, not the target
         "real_mean_jf": real and real["mean"]["J&F"],
         "real_sequences": real and real["sequences"],
         "real_min_area_off": real_min_area_off,  # the same stream without the policy's min_area
+        "real_memory": real_memory,  # the same stream with each of MEMORY_SIZES as max_memory
         "real_flip_average": real_flipped,
         "real_key_frame_tuning": real_tuned,
         "real_segmenter_guide": real_guided,

@@ -15,11 +15,14 @@ from pipelines.bench_propagate import (
     ensemble_of_seeds,
     guide_segmenter_config,
     held_out_mean,
+    jf_summary,
+    memory_sweep,
 )
 from pipelines.propagate_flow import save_model
 from training.config import load_config
 from training.models.propagation.network import PropagationNet
 from training.propagate.config import PropagateJobConfig
+from training.propagate.inference import TorchBackend
 
 
 def test_seq4_is_held_out_of_both_trained_models(tmp_path):
@@ -92,3 +95,24 @@ def test_ensemble_of_seeds_scores_the_ensemble_and_each_member(tmp_path):
     graphs.mkdir()
     assert ensemble_fps(paths, graphs, frames, truth[0], policy, threads=1) > 0
     assert sorted(f.name for f in graphs.glob("*.segment.onnx")) == ["member0.segment.onnx", "member1.segment.onnx"]
+
+
+def test_memory_sweep_scores_each_memory_length_and_a_long_sequence_tells_them_apart():
+    cfg = load_config(
+        PropagateJobConfig, None, ["model={key_dim: 8, value_dim: 8, c4: 8, c8: 8, c16: 8, decoder_width: 8}"]
+    )
+    torch.manual_seed(0)
+    backend = TorchBackend(PropagationNet(cfg.model).eval(), cfg.memory.top_k)
+    rng = np.random.default_rng(1)
+    frames = rng.integers(0, 255, (30, 32, 32, 3), dtype=np.uint8)  # every 2nd of 30: at most 15 entries
+    truth = np.zeros((30, 32, 32), np.uint8)
+    truth[:, :, :16] = 1
+    truth[:, :6, 20:] = 2
+    sequences = {"p/seq1": (frames, truth), "p/seq4": (frames[:12], truth[:12])}  # seq4: 6 entries at most
+
+    sweep = memory_sweep(backend, sequences, cfg.memory, ["seq1"])
+    assert list(sweep) == ["8", "16", "32"]
+    assert sweep["32"] == jf_summary(backend, sequences, cfg.memory.model_copy(update={"max_memory": 32}), ["seq1"])
+    assert sweep["8"]["sequences"]["p/seq1"] != sweep["16"]["sequences"]["p/seq1"]  # 8 forgets the oldest
+    assert sweep["16"]["sequences"]["p/seq1"] == sweep["32"]["sequences"]["p/seq1"]  # neither fills up
+    assert sweep["8"]["held_out_mean_jf"] == sweep["32"]["held_out_mean_jf"]  # too short to fill any memory
