@@ -37,7 +37,8 @@ class MemoryPolicy(StrictModel):
     vocalfolds seq1–3 and simulator sequences, and kept by a rule fixed beforehand: held-out seq4 gained 0.031, 0.026
     and 0.032 on three 30-epoch bench seeds (README). max_memory 8: 16 and 32 tied with it on seq1–3 and the
     simulator sequences, which are too short to fill them; on one 45-epoch checkpoint the 66-frame seq4 and 80-frame
-    simulator sequences scored higher with 16 or 32 (README, ninth experiment); 16 streams 40–45 frames/s, 8 50–51."""
+    simulator sequences scored higher with 16 or 32 (README, ninth experiment), but on a 30-epoch one a selection set
+    with 80-frame sequences gained under 0.002 and seq4 moved under 0.01 (tenth); 16 costs 10–20 % of the frames/s."""
 
     mem_every: int = Field(2, ge=1)
     max_memory: int = Field(8, ge=1)
