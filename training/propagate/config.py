@@ -46,6 +46,16 @@ class DeformConfig(StrictModel):
     elastic: float = Field(0.06, ge=0, description="amplitude of the smooth displacement field, fraction of the side")
     brightness: float = Field(0.15, ge=0)
     contrast: float = Field(0.15, ge=0)
+    colour: float = Field(
+        0.0, ge=0, lt=1, description="± per-channel gain (a colour cast, as white balance drifts); 0 = off"
+    )
+    gamma: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="exposure curve: intensities raised to a power in [1/(1+g), 1+g] (shadows lifted or deepened, "
+        "as auto-exposure does between frames); 0 = off",
+    )
     sequence_strength: float = Field(0.3, ge=0, le=1)
 
 

@@ -192,7 +192,8 @@ def random_deform(
     rng: np.random.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image: a random affine map (rotation, scale, shear, shift) plus a smooth elastic field, scaled by its
-    strength; then brightness/contrast jitter. Outside the source image is black and background."""
+    strength; then brightness/contrast jitter, and colour/gamma jitter when set (each image draws its own, so the
+    frames of one clip differ in look as well as in shape). Outside the source image is black and background."""
     n, _, h, w = images_n3hw.shape
     s = strength_n.numpy()
     angle = np.deg2rad(rng.uniform(-1, 1, n) * cfg.rotation_deg * s)
@@ -214,6 +215,12 @@ def random_deform(
     contrast = torch.from_numpy(1 + rng.uniform(-1, 1, (n, 1, 1, 1)).astype(np.float32) * cfg.contrast)
     mean = images.mean(dim=(1, 2, 3), keepdim=True)
     images = ((images - mean) * contrast + mean) * brightness
+    # Off by default draws nothing, so the clips of a run without them stay the same, draw for draw.
+    if cfg.colour > 0:
+        images = images * torch.from_numpy(1 + rng.uniform(-1, 1, (n, 3, 1, 1)).astype(np.float32) * cfg.colour)
+    if cfg.gamma > 0:
+        exponent = np.exp(rng.uniform(-1, 1, (n, 1, 1, 1)) * np.log1p(cfg.gamma)).astype(np.float32)
+        images = images.clamp(0, 1) ** torch.from_numpy(exponent)
     return images.clamp_(0, 1), labels[:, 0].long()
 
 
