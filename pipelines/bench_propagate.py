@@ -9,7 +9,10 @@ each sequence; torch, about a minute a sequence here) and with a segmenter guide
 vocalfolds seq1–3, `guide_segmenter_config`, mixed into every frame at GUIDE_WEIGHT; also scored alone). When the
 model is a weight average with its last trained weights saved beside it, those are scored too. The memory's length
 is swept (MEMORY_SIZES as max_memory) on vocalfolds, on six 80-frame simulator sequences (LONG_SIM; the others are
-too short to fill a larger memory) and for the onnxruntime frames/s.
+too short to fill a larger memory) and for the onnxruntime frames/s. CT: eight simulator volumes (CT_SEEDS, never
+trained on) with the middle labelled slice given, propagated both ways (min_area 0, the CT default): Dice and NSD at
+2 mm per organ, beside copying the key slice (`ct_volumes`; the bench network sees CT slices only when its config's
+data.sim_volumes > 0).
 
 Without --model it uses runs/artifacts/propagate-bench.pt, training it first when missing (`bench_config`: 4500
 clip batches at 256×256, 42 min on 2 idle AMD EPYC cores, over an hour on slower or shared ones; a stopped run
@@ -33,6 +36,7 @@ from pipelines import segment_flow
 from pipelines.local_ray import local_ray
 from pipelines.propagate_flow import (
     evaluate_sequences,
+    evaluate_volumes,
     last_weights_path,
     named_sequences,
     sequence_parity,
@@ -41,6 +45,7 @@ from pipelines.propagate_flow import (
 from training.config import load_config
 from training.data.simulator import simulate_sequences
 from training.data.sources import DataSpec
+from training.data.volumes import simulate_volume
 from training.models.propagation.network import count_parameters
 from training.propagate import train as propagate_train
 from training.propagate.config import PropagateJobConfig
@@ -54,6 +59,7 @@ TRAIN_SEQUENCES = ["seq1", "seq2", "seq3"]
 GUIDE_WEIGHT = 0.5  # fixed before any guided run was scored: an even mix, not tuned on seq4
 MEMORY_SIZES = (8, 16, 32)  # max_memory values the bench also scores: seq4 (66 frames) outgrows a memory of 8
 LONG_SIM = {"n_sequences": 6, "length": 80, "seed": 4244}  # simulator sequences long enough to fill 32 entries
+CT_SEEDS = range(5000, 5008)  # simulator CT volumes (default 96×96×40 geometry); training volumes draw seeds from 0
 
 
 def bench_config(real_root: Path | None, runs_dir: str = "runs", seed: int = 0) -> PropagateJobConfig:
@@ -255,6 +261,9 @@ def bench_propagate(
         frames, truth = simulate_sequences(**LONG_SIM, style="real-like", size=size)
         long_sim = {f"long{s}": (frames[s], truth[s]) for s in range(len(frames))}
         sim_long_memory = memory_sweep(onnx, long_sim, policy, trained_on=[])
+        ct = evaluate_volumes(
+            onnx, (simulate_volume(seed) for seed in CT_SEEDS), policy.model_copy(update={"min_area": 0.0}), size
+        )
         frames, truth = simulate_sequences(1, 60, seed=4243, style="real-like", size=256)
         fps = {
             "torch": round(stream_fps(TorchBackend(model, policy.top_k), frames[0], truth[0, 0], policy), 1),
@@ -326,6 +335,7 @@ def bench_propagate(
         "real_segmenter_guide": real_guided,
         "real_last_weights": real_last_weights,
         "real_ensemble": real_ensemble,
+        "ct_volumes": {"seeds": list(CT_SEEDS), "trained_volumes": state["config"]["data"].get("sim_volumes", 0), **ct},
         "parity": parity,
         "frames_per_second_256": fps,
         "machine": {

@@ -78,7 +78,10 @@ GuideWeightOption = Annotated[
 ]
 TuneLrOption = Annotated[float, typer.Option(help="key-frame tuning learning rate (AdamW)", min=0.0)]
 ThreadsOption = Annotated[int | None, typer.Option(help="CPU threads for inference")]
-SequencesOption = Annotated[list[str] | None, typer.Option("--sequence", help="vocalfolds sequence, repeatable")]
+SequencesOption = Annotated[
+    list[str] | None,
+    typer.Option("--sequence", help="a sequence (or with --layout flare22 a case) by name, repeatable"),
+]
 
 
 def _policy(
@@ -192,12 +195,22 @@ def train(
 def evaluate(
     model: ModelOption,
     data: Annotated[Path, typer.Option(help="dataset root")],
-    layout: Annotated[str, typer.Option(help="vocalfolds or folder (images/<seq>/, masks/<seq>/)")] = "vocalfolds",
+    layout: Annotated[
+        str,
+        typer.Option(
+            help="vocalfolds, folder (images/<seq>/, masks/<seq>/) or flare22 (CT volumes: "
+            "imagesTr/<case>_0000.nii.gz, labelsTr/<case>.nii.gz; the middle labelled slice given, Dice and NSD per "
+            "organ)"
+        ),
+    ] = "vocalfolds",
     sequences: SequencesOption = None,
     out: Path = Path("runs/propagate/evaluate.json"),
     pictures: Annotated[
         Path | None,
-        typer.Option(help="folder for one PNG per sequence: frames with truth and propagation (default: OUT_pictures)"),
+        typer.Option(
+            help="folder for one PNG per sequence or volume: frames (slices) with truth and propagation "
+            "(default: OUT_pictures)"
+        ),
     ] = None,
     size: SizeOption = None,
     mem_every: MemEveryOption = 2,
@@ -205,7 +218,7 @@ def evaluate(
     previous_frame: PreviousFrameOption = True,
     top_k: TopKOption = 20,
     flip_average: FlipAverageOption = False,
-    min_area: MinAreaOption = DEFAULT_MIN_AREA,
+    min_area: VolumeMinAreaOption = None,
     tune_steps: TuneStepsOption = 0,
     tune_lr: TuneLrOption = 1e-4,
     segmenter: Annotated[
@@ -216,26 +229,38 @@ def evaluate(
     threads: ThreadsOption = None,
     tracking_uri: TrackingOption = None,
 ) -> None:
-    """Per sequence: the first labelled frame given, the rest propagated; J, F, J&F and the copy-first baseline."""
+    """Per sequence: the first labelled frame given, the rest propagated; J, F, J&F and the copy-first baseline.
+    Per CT volume (--layout flare22): the middle labelled slice given; Dice and NSD per organ, and copying it."""
     from pipelines.propagate_flow import evaluate_sequences, load_backends, named_sequences, with_key_frame_tuning
     from training.data.folders import DataError
 
+    volumes = layout == "flare22"
+    if volumes and (tune_steps or segmenter):
+        _fail(ValueError("--tune-steps and --segmenter apply to video sequences, not to --layout flare22"))
+    if min_area is None:
+        min_area = 0.0 if volumes else DEFAULT_MIN_AREA
     policy = _policy(mem_every, max_memory, previous_frame, top_k, flip_average, min_area)
     tuning, report = _tuning(tune_steps, tune_lr)
+    pictures = pictures or out.with_name(f"{out.stem}_pictures")
     try:
         backend, size = load_backends(model, policy, size, threads, _tracking(tracking_uri))
-        backend = with_key_frame_tuning(backend, tuning, report)
-        reference = _guide_segmenter(segmenter, guide_weight, tracking_uri, threads)
-        pictures = pictures or out.with_name(f"{out.stem}_pictures")
-        report = evaluate_sequences(
-            backend, named_sequences(_spec(data, layout, sequences, size)), policy, reference, guide_weight, pictures
-        )
+        if volumes:
+            report = _evaluate_volumes(backend, data, sequences, policy, size, pictures)
+        else:
+            backend = with_key_frame_tuning(backend, tuning, report)
+            reference = _guide_segmenter(segmenter, guide_weight, tracking_uri, threads)
+            named = named_sequences(_spec(data, layout, sequences, size))
+            report = evaluate_sequences(backend, named, policy, reference, guide_weight, pictures)
     except (DataError, FileNotFoundError, ValueError) as exc:
         _fail(exc)
     report |= {"model": model[0] if len(model) == 1 else model, "data": str(data), "layout": layout, "size": size}
     report["key_frame_tuning"] = tuning and tuning.model_dump()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
+    if volumes:
+        _print_volume_scores(report)
+        console.print(f"report: {out}; pictures: {pictures}")
+        return
     for name, scores in report["sequences"].items():
         alone = f", segmenter alone {scores['segmenter_only']['J&F']:.4f}" if segmenter else ""
         void = scores["void_excluded"]
@@ -256,6 +281,41 @@ def evaluate(
     mean, base = report["mean"], report["copy_first_mean"]
     console.print(f"mean J&F {mean['J&F']:.4f} J {mean['J']:.4f} F {mean['F']:.4f} (copy-first J&F {base['J&F']:.4f})")
     console.print(f"report: {out}; pictures: {pictures}")
+
+
+def _evaluate_volumes(backend, root: Path, cases: list[str] | None, policy, size: int, pictures: Path) -> dict:
+    """The labelled cases of a FLARE22-layout root (all, or those --sequence names), scored by evaluate_volumes."""
+    from pipelines.propagate_flow import evaluate_volumes
+    from training.data.folders import DataError
+    from training.data.volumes import case_index, read_case
+
+    index = case_index(root)
+    unknown = sorted(set(cases or []) - {name for name, _, _ in index})
+    if unknown:
+        raise DataError(f"{root}: no case(s) {unknown} in imagesTr/; it has {[name for name, _, _ in index]}")
+    chosen = [(name, image, label) for name, image, label in index if not cases or name in cases]
+    missing = [name for name, _, label in chosen if label is None]
+    if missing:
+        raise DataError(f"{root}: case(s) {missing} have no labelsTr/<case>.nii.gz to score against")
+    console.print(f"{len(chosen)} volume(s) from {root}")
+    return evaluate_volumes(backend, (read_case(image, label) for _, image, label in chosen), policy, size, pictures)
+
+
+def _print_volume_scores(report: dict) -> None:
+    from training.data.volumes import ORGANS
+
+    def line(scores: dict) -> str:
+        return (
+            f"Dice {scores['dice']:.3f} NSD@{report['nsd_tolerance_mm']:g}mm {scores['nsd_2mm']:.3f} (copying the key "
+            f"slice: Dice {scores['copy_key_slice_dice']:.3f} NSD {scores['copy_key_slice_nsd_2mm']:.3f})"
+        )
+
+    for name, volume in report["volumes"].items():
+        console.print(f"{name}: key slice {volume['key_slice']} of {volume['slices']}")
+        for organ, scores in volume["organs"].items():
+            console.print(f"  organ {organ} ({ORGANS.get(int(organ), 'unnamed')}): {line(scores)}")
+    pairs = sum(len(v["organs"]) for v in report["volumes"].values())
+    console.print(f"mean over {pairs} organs of {len(report['volumes'])} volume(s): {line(report['mean'])}")
 
 
 @app.command()
@@ -344,38 +404,39 @@ def _resize_rgb(frame, width: int, height: int):
 
 
 def _run_volume(backend, image_path, labels_path, key_slices, out, policy, size) -> str:
-    import numpy as np
-
+    from pipelines.propagate_flow import middle_key_slice, score_volume
     from training.data.volumes import read_case, write_nifti
     from training.propagate.inference import propagate_volume
-    from training.propagation_metrics import dice, normalized_surface_dice
 
     if labels_path is None:
         raise ValueError("a volume needs --labels: a NIfTI holding the annotated key slices")
     volume = read_case(image_path, labels_path)
     annotated = [z for z in range(volume.hu.shape[2]) if volume.labels[:, :, z].any()]
-    if key_slices:
-        keys = [int(z) for z in key_slices.split(",")]
-    elif annotated:
-        keys = [annotated[len(annotated) // 2]]
-    else:
-        raise ValueError(f"{labels_path}: no labelled slice to start from")
+    keys = [int(z) for z in key_slices.split(",")] if key_slices else [middle_key_slice(volume.labels, labels_path)]
     predicted = propagate_volume(backend, volume.hu, {z: volume.labels[:, :, z] for z in keys}, policy, size)
     path = write_nifti(out / f"{volume.name}.nii.gz", predicted, volume.spacing)
     scores = {}
     if len(annotated) > len(keys):  # a fully labelled volume: score every organ, beside copying the key slice
-        nearest = [min(keys, key=lambda k: abs(k - z)) for z in range(volume.hu.shape[2])]
-        copied = volume.labels[:, :, nearest]
-        for organ in [int(o) for o in np.unique(volume.labels) if o]:
-            truth, pred = volume.labels == organ, predicted == organ
-            scores[str(organ)] = {
-                "dice": dice(truth, pred),
-                "nsd_2mm": normalized_surface_dice(truth, pred, 2.0, volume.spacing),
-                "copy_key_slice_dice": dice(truth, copied == organ),
-            }
+        scores = score_volume(volume.labels, predicted, keys, volume.spacing)
         (out / f"{volume.name}_scores.json").write_text(json.dumps({"key_slices": keys, "organs": scores}, indent=2))
     shown = " ".join(f"{k}:{v['dice']:.3f}" for k, v in scores.items())
     return f"{path} (key slices {keys}){' Dice ' + shown if scores else ''}"
+
+
+@app.command("simulate-ct")
+def simulate_ct(
+    out: Annotated[Path, typer.Option(help="root of a FLARE22-layout folder: writes imagesTr/ and labelsTr/ in it")],
+    count: Annotated[int, typer.Option(min=1, help="volumes to write")] = 8,
+    seed: Annotated[int, typer.Option(help="volume i uses seed + i; the default set is the bench's CT volumes")] = 5000,
+) -> None:
+    """Simulated CT-like volumes (96×96×40 at 2×2×4 mm, five organs) as NIfTI files, e.g. for `propagate evaluate
+    --layout flare22` or `propagate run --input`."""
+    from training.data.volumes import simulate_volume, write_case
+
+    for i in range(count):
+        image, _ = write_case(out, simulate_volume(seed + i))
+        console.print(f"{image}")
+    console.print(f"{count} volume(s) with labels under {out}")
 
 
 @app.command("pseudo-label")
@@ -453,7 +514,8 @@ def bench(
         ),
     ] = 1,
 ) -> None:
-    """J&F on simulator sequences and vocalfolds, frames/s at 256×256 for torch and onnxruntime (2 threads)."""
+    """J&F on simulator sequences and vocalfolds, Dice and NSD on simulator CT volumes, frames/s at 256×256 for torch
+    and onnxruntime (2 threads)."""
     from pipelines.bench_propagate import bench_propagate
 
     try:

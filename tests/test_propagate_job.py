@@ -281,6 +281,44 @@ def test_run_cli_on_a_video_and_a_volume(trained, tmp_path):
     assert bad.exit_code == 2 and "none.nii.gz" in bad.output
 
 
+def test_evaluate_cli_on_ct_volumes(trained, tmp_path):
+    _, result = trained
+    root = tmp_path / "ct"
+    for seed in (1, 2):
+        write_case(root, simulate_volume(seed, shape=(48, 48, 10)))
+    args = ["propagate", "evaluate", "--model", str(result.model_path), "--data", str(root), "--layout", "flare22"]
+    args += ["--size", "64"]
+    run = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "ct.json")])
+    assert run.exit_code == 0, run.output
+    report = json.loads((tmp_path / "ct.json").read_text())
+    assert set(report["volumes"]) == {"sim_1", "sim_2"} and report["policy"]["min_area"] == 0.0  # the CT default
+    measures = ("dice", "nsd_2mm", "copy_key_slice_dice", "copy_key_slice_nsd_2mm")
+    pairs = [scores for volume in report["volumes"].values() for scores in volume["organs"].values()]
+    assert len(pairs) >= 6 and all(0 <= scores[m] <= 1 for scores in pairs for m in measures)
+    assert report["mean"]["dice"] == pytest.approx(np.mean([scores["dice"] for scores in pairs]))
+    for volume in report["volumes"].values():
+        assert volume["slices"] == 10 and volume["organs"]["1"]["copy_key_slice_dice"] < 1  # the liver changes
+    labelled = np.nonzero(simulate_volume(1, shape=(48, 48, 10)).labels.any(axis=(0, 1)))[0]
+    assert report["volumes"]["sim_1"]["key_slice"] == labelled[len(labelled) // 2]
+    assert "organ 1 (liver): Dice" in run.output and "mean over" in run.output
+    picture = np.asarray(Image.open(report["pictures"]["sim_1"]))  # 6 slices: image, truth, propagation
+    assert picture.shape == (6 * 48, 3 * 48, 3)
+    one = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "one.json"), "--sequence", "sim_2"])
+    assert one.exit_code == 0 and set(json.loads((tmp_path / "one.json").read_text())["volumes"]) == {"sim_2"}
+    unknown = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "x.json"), "--sequence", "sim_9"])
+    assert unknown.exit_code == 2 and "sim_9" in unknown.output
+    guided = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "x.json"), "--segmenter", "seg.onnx"])
+    assert guided.exit_code == 2 and "--segmenter apply to video" in guided.output
+    unlabelled = simulate_volume(3, shape=(48, 48, 10))
+    unlabelled.labels = None
+    write_case(root, unlabelled)
+    missing = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "x.json")])
+    assert missing.exit_code == 2 and "sim_3" in missing.output and "labelsTr" in missing.output
+    elsewhere = [*args[:5], str(tmp_path / "nothing"), *args[6:], "--out", str(tmp_path / "x.json")]
+    empty = CliRunner().invoke(app, elsewhere)
+    assert empty.exit_code == 2 and "imagesTr" in empty.output
+
+
 def test_pseudo_label_cli_on_vocalfolds(trained, tmp_path, vocalfolds_root):
     from training.export import export_segmenter
     from training.models.unet import Segmenter, UNetConfig

@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 
+from pipelines.propagate_flow import middle_key_slice, score_volume
+from training.data.folders import DataError
 from training.propagation_metrics import (
     boundary,
     boundary_f,
@@ -122,3 +124,31 @@ def test_j_and_f_leaves_void_pixels_out_as_davis_does():
     assert j_and_f(truth, missed, objects=[1], void=void)["objects"][1]["J"] == pytest.approx(0.75)
     with pytest.raises(ValueError, match="void shape"):
         j_and_f(truth, pred, objects=[1], void=void[:1])
+
+
+def test_score_volume_beside_copying_the_key_slice():
+    truth = np.zeros((12, 12, 8), np.uint8)
+    truth[2:8, 2:8, 2:6] = 1  # in slices 2-5, the key slice 3 among them
+    truth[8:11, 8:11, 6:8] = 13  # only after the key slice: copying it never finds this organ
+    scores = score_volume(truth, truth.copy(), keys=[3], spacing=(2.0, 2.0, 4.0))
+    assert set(scores) == {"1", "13"}
+    assert scores["1"]["dice"] == scores["1"]["nsd_2mm"] == scores["13"]["dice"] == 1.0
+    # the copy repeats slice 3's square in all 8 slices: 4 of them right, Dice 2·4 / (4 + 8)
+    assert scores["1"]["copy_key_slice_dice"] == pytest.approx(8 / 12)
+    assert scores["13"]["copy_key_slice_dice"] == 0.0 and scores["13"]["copy_key_slice_nsd_2mm"] == 0.0
+    # two key slices: each slice copies its nearest (ties go to the first), so slice 7 now copies slice 7
+    two = score_volume(truth, truth.copy(), keys=[3, 7], spacing=(2.0, 2.0, 4.0))
+    assert two["13"]["copy_key_slice_dice"] == 1.0 and two["1"]["copy_key_slice_dice"] == pytest.approx(8 / 10)
+    shifted = np.roll(truth, 1, axis=0)  # one voxel (2 mm) off in x: every surface voxel within the tolerance
+    moved = score_volume(truth, shifted, keys=[3], spacing=(2.0, 2.0, 4.0))
+    assert moved["1"]["nsd_2mm"] == 1.0 and moved["1"]["dice"] < 1.0
+    assert score_volume(truth, shifted, keys=[3], spacing=(1.0, 1.0, 4.0))["1"]["nsd_2mm"] == 1.0
+    assert score_volume(truth, np.roll(truth, 2, axis=0), keys=[3], spacing=(2.0, 2.0, 4.0))["1"]["nsd_2mm"] < 1.0
+
+
+def test_middle_key_slice_is_the_middle_labelled_one_and_an_unlabelled_volume_is_named():
+    labels = np.zeros((4, 4, 10), np.uint8)
+    labels[1, 1, [2, 3, 7]] = 5
+    assert middle_key_slice(labels, "case") == 3
+    with pytest.raises(DataError, match="case_7: no labelled slice"):
+        middle_key_slice(np.zeros((4, 4, 3), np.uint8), "case_7")

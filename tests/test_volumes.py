@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from pipelines.cli import app
 from training.data.folders import DataError
 from training.data.volumes import ORGANS, case_index, read_case, read_nifti, simulate_volume, write_case
 from training.models.propagation.network import PropagationConfig, PropagationNet
@@ -61,3 +63,14 @@ def test_ct_slices_join_the_training_pool():
     [(frames, labels, max_gap)] = pools.sim.sequences
     assert frames.shape == (48, 32, 32, 3) and labels.shape == (48, 32, 32) and max_gap == 3
     assert set(np.unique(labels)) <= {0, *ORGANS} and len(pools.sim.static_images) == 12
+
+
+def test_simulate_ct_cli_writes_a_flare22_folder_of_the_simulators_volumes(tmp_path):
+    run = CliRunner().invoke(app, ["propagate", "simulate-ct", "--out", str(tmp_path), "--count", "2", "--seed", "7"])
+    assert run.exit_code == 0, run.output
+    cases = case_index(tmp_path)
+    assert [name for name, _, _ in cases] == ["sim_7", "sim_8"] and all(label is not None for _, _, label in cases)
+    written, expected = read_case(*cases[1][1:]), simulate_volume(8)
+    np.testing.assert_array_equal(written.labels, expected.labels)
+    np.testing.assert_array_equal(written.hu, expected.hu)
+    assert written.spacing == pytest.approx(expected.spacing)
