@@ -199,6 +199,14 @@ def ensemble_fps(model_paths: list[Path], directory: Path, frames, labels, polic
     return stream_fps(members, frames, labels, policy)
 
 
+def ct_volumes(backend, policy: MemoryPolicy, size: int, trained_volumes: int, seeds=CT_SEEDS) -> dict:
+    """The CT set: simulator volumes `seeds` (none of them trained on), the middle labelled slice given, scored by
+    evaluate_volumes with min_area 0 (the CT default: organs are small in their first and last slices)."""
+    volumes = (simulate_volume(seed) for seed in seeds)
+    scored = evaluate_volumes(backend, volumes, policy.model_copy(update={"min_area": 0.0}), size)
+    return {"seeds": list(seeds), "trained_volumes": trained_volumes, **scored}
+
+
 def key_frame_tuned(model, sequences: dict, policy: MemoryPolicy, trained_on: list[str]) -> dict:
     """J&F with key-frame tuning at its defaults (torch: it needs gradients), per sequence, and the held-out mean;
     seconds per sequence include the tuning."""
@@ -261,9 +269,7 @@ def bench_propagate(
         frames, truth = simulate_sequences(**LONG_SIM, style="real-like", size=size)
         long_sim = {f"long{s}": (frames[s], truth[s]) for s in range(len(frames))}
         sim_long_memory = memory_sweep(onnx, long_sim, policy, trained_on=[])
-        ct = evaluate_volumes(
-            onnx, (simulate_volume(seed) for seed in CT_SEEDS), policy.model_copy(update={"min_area": 0.0}), size
-        )
+        ct = ct_volumes(onnx, policy, size, trained_volumes=state["config"]["data"].get("sim_volumes", 0))
         frames, truth = simulate_sequences(1, 60, seed=4243, style="real-like", size=256)
         fps = {
             "torch": round(stream_fps(TorchBackend(model, policy.top_k), frames[0], truth[0, 0], policy), 1),
@@ -335,7 +341,7 @@ def bench_propagate(
         "real_segmenter_guide": real_guided,
         "real_last_weights": real_last_weights,
         "real_ensemble": real_ensemble,
-        "ct_volumes": {"seeds": list(CT_SEEDS), "trained_volumes": state["config"]["data"].get("sim_volumes", 0), **ct},
+        "ct_volumes": ct,
         "parity": parity,
         "frames_per_second_256": fps,
         "machine": {

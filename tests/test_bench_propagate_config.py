@@ -11,6 +11,7 @@ from pipelines.bench_propagate import (
     GUIDE_WEIGHT,
     bench_config,
     bench_propagate,
+    ct_volumes,
     ensemble_fps,
     ensemble_of_seeds,
     guide_segmenter_config,
@@ -116,3 +117,18 @@ def test_memory_sweep_scores_each_memory_length_and_a_long_sequence_tells_them_a
     assert sweep["8"]["sequences"]["p/seq1"] != sweep["16"]["sequences"]["p/seq1"]  # 8 forgets the oldest
     assert sweep["16"]["sequences"]["p/seq1"] == sweep["32"]["sequences"]["p/seq1"]  # neither fills up
     assert sweep["8"]["held_out_mean_jf"] == sweep["32"]["held_out_mean_jf"]  # too short to fill any memory
+
+
+def test_ct_volumes_scores_the_simulator_volumes_without_min_area():
+    cfg = load_config(
+        PropagateJobConfig, None, ["model={key_dim: 8, value_dim: 8, c4: 8, c8: 8, c16: 8, decoder_width: 8}"]
+    )
+    torch.manual_seed(0)
+    backend = TorchBackend(PropagationNet(cfg.model).eval(), cfg.memory.top_k)
+    assert cfg.memory.min_area > 0  # the video default, which the CT set must not use
+    scored = ct_volumes(backend, cfg.memory, 32, trained_volumes=4, seeds=range(5000, 5002))
+    assert scored["seeds"] == [5000, 5001] and scored["trained_volumes"] == 4
+    assert list(scored["volumes"]) == ["sim_5000", "sim_5001"] and scored["policy"]["min_area"] == 0.0
+    organs = [s for volume in scored["volumes"].values() for s in volume["organs"].values()]
+    assert len(organs) == 10 and scored["mean"]["dice"] == pytest.approx(np.mean([s["dice"] for s in organs]))
+    assert set(scored["per_organ"]) == {"1", "2", "3", "5", "13"} and scored["slices_per_second"] > 0
