@@ -234,6 +234,8 @@ def evaluate(
     from pipelines.propagate_flow import evaluate_sequences, load_backends, named_sequences, with_key_frame_tuning
     from training.data.folders import DataError
 
+    if layout not in ("vocalfolds", "folder", "flare22"):
+        _fail(ValueError(f"--layout {layout!r}: expected vocalfolds, folder or flare22"))
     volumes = layout == "flare22"
     if volumes and (tune_steps or segmenter):
         _fail(ValueError("--tune-steps and --segmenter apply to video sequences, not to --layout flare22"))

@@ -317,6 +317,8 @@ def test_evaluate_cli_on_ct_volumes(trained, tmp_path):
     elsewhere = [*args[:5], str(tmp_path / "nothing"), *args[6:], "--out", str(tmp_path / "x.json")]
     empty = CliRunner().invoke(app, elsewhere)
     assert empty.exit_code == 2 and "imagesTr" in empty.output
+    other = CliRunner().invoke(app, [*args[:7], "nifti", *args[8:], "--out", str(tmp_path / "x.json")])
+    assert other.exit_code == 2 and "flare22" in other.output
 
 
 def test_pseudo_label_cli_on_vocalfolds(trained, tmp_path, vocalfolds_root):
