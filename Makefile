@@ -71,7 +71,7 @@ images:
 		exit 1; \
 	fi
 
-# --- mask propagation: trains runs/artifacts/propagate-bench.pt first if it is missing (42 min or more on 2 cores) ---
+# --- mask propagation: trains runs/artifacts/propagate-bench.pt first if it is missing (65 min or more on 2 cores) ---
 .PHONY: bench-propagate
 
 # ENSEMBLE=3: also trains seeds 1 and 2 (as long again each) and scores the ensemble of the three as real_ensemble

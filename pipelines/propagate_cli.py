@@ -37,7 +37,8 @@ FlipAverageOption = Annotated[
     bool,
     typer.Option(help="also propagate the mirrored frames (own memory) and average the two; twice the time"),
 ]
-DEFAULT_MIN_AREA = 0.005  # MemoryPolicy's default, written out so that --help needs no torch import
+DEFAULT_MIN_AREA = 0.005  # MemoryPolicy's defaults, written out so that --help needs no torch import
+DEFAULT_MAX_MEMORY = 16
 MinAreaOption = Annotated[
     float,
     typer.Option(
@@ -214,7 +215,7 @@ def evaluate(
     ] = None,
     size: SizeOption = None,
     mem_every: MemEveryOption = 2,
-    max_memory: MaxMemoryOption = 8,
+    max_memory: MaxMemoryOption = DEFAULT_MAX_MEMORY,
     previous_frame: PreviousFrameOption = True,
     top_k: TopKOption = 20,
     flip_average: FlipAverageOption = False,
@@ -334,7 +335,7 @@ def run(
     key_slices: Annotated[str | None, typer.Option(help="comma-separated slice indices (default: middle)")] = None,
     size: SizeOption = None,
     mem_every: MemEveryOption = 2,
-    max_memory: MaxMemoryOption = 8,
+    max_memory: MaxMemoryOption = DEFAULT_MAX_MEMORY,
     previous_frame: PreviousFrameOption = True,
     top_k: TopKOption = 20,
     flip_average: FlipAverageOption = False,

@@ -18,6 +18,7 @@ from pipelines.bench_propagate import (
     held_out_mean,
     jf_summary,
     memory_sweep,
+    trained_members,
 )
 from pipelines.propagate_flow import save_model
 from training.config import load_config
@@ -43,6 +44,17 @@ def test_an_ensemble_member_differs_from_the_bench_network_only_by_seed_and_name
     assert (second.name, second.compute.seed) == ("propagate-bench-seed2", 2)
     same = {"name": "x", "compute": first.compute.model_copy(update={"seed": 0})}
     assert first.model_copy(update=same) == second.model_copy(update=same)
+
+
+def test_an_older_bench_checkpoint_is_scored_with_a_notice_not_retrained(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "runs" / "artifacts" / "propagate-bench.pt"
+    path.parent.mkdir(parents=True)
+    torch.save({"config": {"compute": {"epochs": 30}}}, path)
+    assert [p.resolve() for p in trained_members(None, range(1))] == [path]
+    said = capsys.readouterr().out
+    assert f"trained 30 epochs, the bench now trains {bench_config(None).compute.epochs}" in said
+    assert "delete it" in said
 
 
 def test_held_out_mean_skips_the_trained_on_sequences():

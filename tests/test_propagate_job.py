@@ -71,7 +71,7 @@ def test_resume_export_and_sequence_parity(trained):
         assert metadata["endoflow.task"] == "propagation" and metadata["endoflow.graph"] == graph
         assert json.loads(metadata["endoflow.memory"]) == {
             "mem_every": 2,
-            "max_memory": 8,
+            "max_memory": 16,
             "previous_frame": True,
             "top_k": 20,
             "min_area": 0.005,

@@ -199,10 +199,11 @@ def test_min_area_gives_a_speck_its_next_most_probable_label():
     assert np.bincount(winning_channels(probs, 0.06).ravel(), minlength=4).tolist() == [2, 98, 0, 0]
 
 
-def test_the_cli_default_min_area_is_the_policy_default():
-    from pipelines.propagate_cli import DEFAULT_MIN_AREA
+def test_the_cli_defaults_are_the_policy_defaults():
+    from pipelines.propagate_cli import DEFAULT_MAX_MEMORY, DEFAULT_MIN_AREA
 
     assert DEFAULT_MIN_AREA == MemoryPolicy().min_area > 0
+    assert MemoryPolicy().max_memory == DEFAULT_MAX_MEMORY
 
 
 def test_min_area_changes_the_labels_not_the_memory(model):

@@ -30,7 +30,7 @@ Metadata (`metadata_props`, all strings; JSON where structured), identical in th
   endoflow.input_size [H, W] (training size); endoflow.normalization {"mean": [3], "std": [3]};
   endoflow.size_multiple "16"; endoflow.key_stride "16";
   endoflow.dims {"key": Dk, "value": Dv, "f16": C16, "f8": C8, "f4": C4};
-  endoflow.memory {"mem_every": 2, "max_memory": 8, "previous_frame": true, "top_k": 20, "min_area": 0.005}
+  endoflow.memory {"mem_every": 2, "max_memory": 16, "previous_frame": true, "top_k": 20, "min_area": 0.005}
     (defaults; top_k is baked into segment, null = all; graphs without previous_frame or min_area predate them and
     mean false and 0);
   endoflow.source_run_id; endoflow.model_config (the torch config, for provenance).
