@@ -508,7 +508,13 @@ def pseudo_label(
 @app.command()
 def bench(
     out: Path = Path("runs/bench/propagate.json"),
-    model: Annotated[Path | None, typer.Option(help="trained checkpoint .pt (default: train a quick one)")] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            help="trained checkpoint .pt (default: runs/artifacts/propagate-bench.pt, trained first when missing: "
+            "about an hour on 2 cores)"
+        ),
+    ] = None,
     real_data: Annotated[Path | None, typer.Option(help="vocalfolds root")] = Path("../shared/data/vocalfolds"),
     ensemble: Annotated[
         int,
