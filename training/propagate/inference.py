@@ -38,7 +38,8 @@ class MemoryPolicy(StrictModel):
     and 0.032 on three 30-epoch bench seeds (README). max_memory 16, with the 45-epoch bench: by a rule fixed before
     its training, a fresh seed scored held-out seq4 (66 frames, which outgrow a memory of 8) 0.767 against 0.735 with
     8, and the first 45-epoch seed 0.751 against 0.729 (README, fourteenth and ninth experiments); the short
-    sequences of seq1–3 and the simulator hardly change, and the stream stayed over 30 frames/s on 2 cores."""
+    sequences of seq1–3 and the simulator hardly change. It costs 0–20 % of the frames/s (40–67 on 2 cores; one
+    slower machine fell to 26.5–27.6, where max_memory 8 keeps the stream near 30)."""
 
     mem_every: int = Field(2, ge=1)
     max_memory: int = Field(16, ge=1)
