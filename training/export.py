@@ -21,6 +21,7 @@ from torch.export import Dim
 
 from training.data.classes import CLASS_NAMES
 from training.data.normalize import IMAGENET_MEAN, IMAGENET_STD
+from training.models.encoders import encoder_provenance
 from training.models.unet import Segmenter
 
 
@@ -49,6 +50,7 @@ def segmentation_metadata(model: Segmenter, input_size: int, run_id: str | None)
         "endoflow.size_multiple": str(model.cfg.size_multiple),
         "endoflow.source_run_id": run_id or "",
         "endoflow.model_config": model.cfg.model_dump_json(),
+        "endoflow.encoder": json.dumps(encoder_provenance(model.cfg.encoder)),
     }
 
 

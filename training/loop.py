@@ -76,10 +76,12 @@ def setup_worker(compute: ComputeConfig) -> WorkerContext:
 
 
 def make_optimizer(
-    model: torch.nn.Module, compute: ComputeConfig, context: WorkerContext
+    model: torch.nn.Module, compute: ComputeConfig, context: WorkerContext, groups: list[dict] | None = None
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, torch.amp.GradScaler]:
-    """AdamW with a per-epoch cosine schedule, and the AMP grad scaler (a no-op off CUDA): the same for every job."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=compute.lr, weight_decay=compute.weight_decay)
+    """AdamW with a per-epoch cosine schedule, and the AMP grad scaler (a no-op off CUDA): the same for every job.
+    `groups`: parameter groups with their own lr (a pretrained encoder's smaller one); default all of the model's."""
+    params = groups if groups is not None else model.parameters()
+    optimizer = torch.optim.AdamW(params, lr=compute.lr, weight_decay=compute.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=compute.epochs)
     return optimizer, scheduler, torch.amp.GradScaler(enabled=context.use_amp)
 

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from pydantic import Field
 
 from training.config import StrictModel
+from training.models.encoders import encoder_provenance
 
 
 class TrackingConfig(StrictModel):
@@ -52,6 +53,11 @@ def log_config(config: StrictModel, name: str = "config.json") -> None:
     tree = config.model_dump(mode="json")
     mlflow.log_dict(tree, name)
     mlflow.log_params({key: _short(value) for key, value in _flatten(tree).items()})
+    model = tree.get("model")
+    encoder = model.get("encoder", model.get("key_encoder")) if isinstance(model, dict) else None
+    if encoder is not None:
+        # Which starting weights, down to the file's hash: a run must say what it was initialised from.
+        mlflow.set_tags({f"endoflow.{key}": value for key, value in encoder_provenance(encoder).items()})
 
 
 def log_worker_metrics(tracking_uri: str, run_id: str | None, metrics: dict[str, float], step: int) -> None:

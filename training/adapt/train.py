@@ -106,7 +106,7 @@ def teacher_state_file(path: str) -> Path:
 
 
 def build_segmenter(model_config: dict[str, Any], weights: dict[str, torch.Tensor]) -> Segmenter:
-    model = Segmenter(UNetConfig.model_validate(model_config))
+    model = Segmenter(UNetConfig.model_validate(model_config), pretrained=False)
     model.load_state_dict(weights)
     return model
 
@@ -145,7 +145,9 @@ def train_loop_per_worker(config_dict: dict) -> None:
     generator = load_generator(cfg.style.translator, "style.translator") if cfg.style.method == "translator" else None
 
     model = Segmenter(cfg.model)
-    optimizer, scheduler, scaler = loop.make_optimizer(model, cfg.compute, context)
+    optimizer, scheduler, scaler = loop.make_optimizer(
+        model, cfg.compute, context, model.parameter_groups(cfg.compute.lr)
+    )
     disc, disc_optimizer = None, None
     if cfg.adversarial.enabled:
         disc = OutputDiscriminator(cfg.model.num_classes, cfg.adversarial.width)

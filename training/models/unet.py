@@ -1,9 +1,11 @@
 """A U-Net family segmenter whose width, depth and block type come from its config.
 
-Two members matter:
+Members:
 - `plain`: the classic U-Net (two 3×3 convs per level, full-resolution stem) — the accuracy reference.
 - `lite` (default): a stride-2 stem and depthwise-separable residual blocks, so the decoder runs at half
   resolution and the whole net fits a real-time budget on a CPU; the logits are upsampled back at the end.
+- `encoder: lite0-imagenet`: the same separable decoder over the ImageNet EfficientNet-Lite0 trunk
+  (`encoders.py`) instead of a trunk learnt from scratch; `depth` and `stem_stride` then come from the trunk.
 
 Shapes: images are (B, 3, H, W) with H and W multiples of `UNetConfig.size_multiple`; logits are (B, C, H, W).
 """
@@ -17,6 +19,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from torch import nn
 
+from training.models.encoders import EncoderName, Lite0Trunk
+
 
 class UNetConfig(BaseModel):
     model_config = {"extra": "forbid"}
@@ -29,10 +33,16 @@ class UNetConfig(BaseModel):
     max_width: int = Field(256, ge=8, description="channel cap for deep levels")
     num_classes: int = 7
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="before the classifier; enables MC-dropout")
+    encoder: EncoderName = Field("scratch", description="scratch, or lite0-imagenet: the pretrained Lite0 trunk")
+    encoder_lr_scale: float = Field(1.0, gt=0.0, le=1.0, description="pretrained trunk's lr, relative to compute.lr")
+    frozen_stages: int = Field(0, ge=0, le=5, description="pretrained trunk: leading stages (stem..f2..f32) frozen")
+    encoder_bn: Literal["train", "frozen"] = Field(
+        "train", description="pretrained trunk: batch-norm statistics updated (train) or kept from ImageNet (frozen)"
+    )
 
     @property
     def size_multiple(self) -> int:
-        return self.stem_stride * 2**self.depth
+        return 32 if self.encoder == "lite0-imagenet" else self.stem_stride * 2**self.depth
 
     @classmethod
     def plain(cls, num_classes: int = 7) -> UNetConfig:
@@ -119,19 +129,78 @@ class UNet(nn.Module):
         return x
 
 
-class Segmenter(nn.Module):
-    """UNet + the final upsampling to input size, so every caller sees (B, C, H, W) logits."""
+class PretrainedUNet(nn.Module):
+    """The separable decoder over the Lite0 trunk's f2…f32 skips; logits at 1/2 resolution, like `lite`."""
 
-    def __init__(self, cfg: UNetConfig):
+    def __init__(self, cfg: UNetConfig, pretrained: bool = True):
         super().__init__()
         self.cfg = cfg
-        self.unet = UNet(cfg)
+        self.encoder = Lite0Trunk(pretrained=pretrained)
+        skips = self.encoder.widths  # f2, f4, f8, f16, f32
+        widths = [min(cfg.base_width * 2**i, cfg.max_width) for i in range(len(skips) - 1)]
+        deeper = [*widths[1:], skips[-1]]
+        self.up = nn.ModuleList(make_stage(cfg, deeper[i] + skips[i], widths[i], stride=1) for i in range(len(widths)))
+        self.dropout = nn.Dropout2d(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.classifier = nn.Conv2d(widths[0], cfg.num_classes, 1)
+        self._freeze_leading_stages(cfg.frozen_stages)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(self.features(image)))
+
+    def features(self, image: torch.Tensor) -> torch.Tensor:
+        skips = self.encoder(image)
+        x = skips[-1]
+        for level in reversed(range(len(self.up))):
+            skip = skips[level]
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = self.up[level](torch.cat([x, skip], dim=1))
+        return x
+
+    def _freeze_leading_stages(self, stages: int) -> None:
+        if stages == 0:
+            return
+        last_frozen_block = self.encoder.skip_blocks[stages - 1]
+        frozen = [self.encoder.stem, *self.encoder.blocks[: last_frozen_block + 1]]
+        for module in frozen:
+            module.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> PretrainedUNet:
+        super().train(mode)
+        if mode and self.cfg.encoder_bn == "frozen":
+            # ImageNet statistics over ours: batches of 4 endoscopy frames estimate them poorly.
+            for module in self.encoder.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.eval()
+        return self
+
+
+class Segmenter(nn.Module):
+    """UNet (or the pretrained-trunk U-Net) + the final upsampling to input size, so every caller sees (B, C, H, W)
+    logits. `pretrained=False` builds the same graph without reading the ImageNet weights (a checkpoint follows)."""
+
+    def __init__(self, cfg: UNetConfig, pretrained: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.unet = PretrainedUNet(cfg, pretrained) if cfg.encoder == "lite0-imagenet" else UNet(cfg)
+
+    @property
+    def output_stride(self) -> int:
+        return 2 if self.cfg.encoder == "lite0-imagenet" else self.cfg.stem_stride
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         logits = self.unet(image)
-        if self.cfg.stem_stride != 1:
+        if self.output_stride != 1:
             logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
         return logits
+
+    def parameter_groups(self, lr: float) -> list[dict]:
+        """Optimizer groups: the pretrained trunk at `encoder_lr_scale` × lr, the rest at lr; frozen weights out."""
+        if self.cfg.encoder == "scratch":
+            return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
+        encoder = [p for p in self.unet.encoder.parameters() if p.requires_grad]
+        encoder_ids = {id(p) for p in self.unet.encoder.parameters()}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in encoder_ids]
+        return [{"params": encoder, "lr": lr * self.cfg.encoder_lr_scale}, {"params": rest, "lr": lr}]
 
 
 def count_parameters(model: nn.Module) -> int:

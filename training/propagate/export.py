@@ -67,6 +67,7 @@ from torch.export import Dim
 from training.data.classes import CLASS_NAMES
 from training.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from training.export import _quiet_exporter
+from training.models.encoders import encoder_provenance
 from training.models.propagation.network import KEY_STRIDE, PropagationNet
 from training.propagate.inference import MemoryPolicy
 
@@ -132,6 +133,7 @@ def propagation_metadata(
         "endoflow.memory": policy.model_dump_json(exclude={"flip_average"}),
         "endoflow.source_run_id": run_id or "",
         "endoflow.model_config": cfg.model_dump_json(),
+        "endoflow.encoder": json.dumps(encoder_provenance(cfg.key_encoder)),
     }
 
 

@@ -69,7 +69,9 @@ def train_loop_per_worker(config_dict: dict) -> None:
     val_images, val_masks = load_data(cfg.val) if (cfg.val and context.is_chief) else (None, None)
 
     model = Segmenter(cfg.model)
-    optimizer, scheduler, scaler = loop.make_optimizer(model, cfg.compute, context)
+    optimizer, scheduler, scaler = loop.make_optimizer(
+        model, cfg.compute, context, model.parameter_groups(cfg.compute.lr)
+    )
     start_epoch = 0
     if (state := loop.load_state()) is not None:
         model.load_state_dict(state["model"])
@@ -126,6 +128,6 @@ def run(cfg: SegmentJobConfig, tracking_uri: str) -> TrainedSegmenter:
     state, result = loop.fit_job(
         train_loop_per_worker, {"job": cfg.model_dump(mode="json"), "tracking_uri": tracking_uri}, cfg
     )
-    model = Segmenter(cfg.model)
+    model = Segmenter(cfg.model, pretrained=False)
     model.load_state_dict(state["model"])
     return TrainedSegmenter(model.eval(), result.checkpoint.path, dict(result.metrics or {}))

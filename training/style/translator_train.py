@@ -73,7 +73,7 @@ def load_segmenter(path: str) -> Segmenter:
 
     saved = torch.load(teacher_state_file(path), map_location="cpu", weights_only=False)
     model_cfg = saved["config"]["model"] if "model" in saved["config"] else saved["config"]
-    model = Segmenter(UNetConfig.model_validate(model_cfg))
+    model = Segmenter(UNetConfig.model_validate(model_cfg), pretrained=False)
     model.load_state_dict(saved["model"])
     return model.eval().requires_grad_(False)
 

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.models.encoders import Lite0Trunk
+
 
 class SepConv(nn.Sequential):
     """Depthwise 3×3 (optionally strided) then pointwise 1×1, each with batch norm and ReLU."""
@@ -54,6 +56,24 @@ class KeyEncoder(nn.Module):
         f4 = self.to4(frame)
         f8 = self.to8(f4)
         return f4, f8, self.to16(f8)
+
+
+class PretrainedKeyEncoder(nn.Module):
+    """frame → f4, f8, f16 from the ImageNet Lite0 trunk (to 1/16, as STCN's key encoder is a pretrained trunk cut
+    at 1/16), each projected by a 1×1 conv to the widths the rest of the network and the exported graphs expect."""
+
+    def __init__(self, c4: int, c8: int, c16: int, pretrained: bool = True) -> None:
+        super().__init__()
+        self.trunk = Lite0Trunk(pretrained=pretrained, stop_at=16)
+        _, w4, w8, w16 = self.trunk.widths
+        self.project = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+            for cin, cout in ((w4, c4), (w8, c8), (w16, c16))
+        )
+
+    def forward(self, frame: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        _, f4, f8, f16 = self.trunk(frame)
+        return self.project[0](f4), self.project[1](f8), self.project[2](f16)
 
 
 class ValueEncoder(nn.Module):

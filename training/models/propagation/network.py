@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from torch import nn
 
+from training.models.encoders import EncoderName
 from training.models.propagation.memory import read
-from training.models.propagation.modules import Decoder, KeyEncoder, ValueEncoder
+from training.models.propagation.modules import Decoder, KeyEncoder, PretrainedKeyEncoder, ValueEncoder
 
 KEY_STRIDE = 16
 _EPS = 1e-7
@@ -30,6 +31,7 @@ class PropagationConfig(BaseModel):
     c8: int = Field(96, ge=4, description="channels at 1/8")
     c16: int = Field(192, ge=4, description="channels at 1/16")
     decoder_width: int = Field(64, ge=8)
+    key_encoder: EncoderName = Field("scratch", description="scratch, or lite0-imagenet: the pretrained Lite0 trunk")
 
     @property
     def size_multiple(self) -> int:
@@ -37,10 +39,15 @@ class PropagationConfig(BaseModel):
 
 
 class PropagationNet(nn.Module):
-    def __init__(self, cfg: PropagationConfig | None = None) -> None:
+    def __init__(self, cfg: PropagationConfig | None = None, pretrained: bool = True) -> None:
+        """`pretrained=False` skips reading the ImageNet weights of a pretrained key encoder (a checkpoint follows)."""
         super().__init__()
         self.cfg = cfg = cfg or PropagationConfig()
-        self.key_encoder = KeyEncoder(cfg.c4, cfg.c8, cfg.c16)
+        self.key_encoder: nn.Module = (
+            PretrainedKeyEncoder(cfg.c4, cfg.c8, cfg.c16, pretrained)
+            if cfg.key_encoder == "lite0-imagenet"
+            else KeyEncoder(cfg.c4, cfg.c8, cfg.c16)
+        )
         self.key_projection = nn.Conv2d(cfg.c16, cfg.key_dim, 1)
         self.value_encoder = ValueEncoder(cfg.c16, cfg.value_dim)
         self.decoder = Decoder(cfg.value_dim, cfg.c4, cfg.c8, cfg.c16, cfg.decoder_width)
