@@ -1,0 +1,83 @@
+"""Every checked-in recipe in configs/ loads as its job's typed config, and the benches that read them train what
+they trained when the recipes were Python."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pipelines.bench_propagate import bench_config
+from training.config import CONFIGS_DIR, ConfigError, load_config, load_recipe, recipe_path
+from training.propagate.config import PropagateJobConfig
+
+# A recipe's job, from its file name's prefix; a file matching none fails test_every_recipe_loads.
+JOB_BY_PREFIX = {
+    "propagate": PropagateJobConfig,
+}
+
+
+def job_of(path: Path):
+    for prefix, cls in JOB_BY_PREFIX.items():
+        if path.suffix == ".yaml" and (path.stem == prefix or path.stem.startswith(f"{prefix}-")):
+            return cls
+    raise AssertionError(
+        f"configs/{path.name}: no job for this name; name it <job>[-<what>].yaml, job in {(*JOB_BY_PREFIX,)}"
+    )
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS_DIR.iterdir()), ids=lambda p: p.name)
+def test_every_recipe_loads(path, monkeypatch):
+    # Relative paths in a recipe (data uri, sweep base) are relative to the repository root, where they are run.
+    # Loading reads no data: a data section's uri is only made absolute.
+    monkeypatch.chdir(CONFIGS_DIR.parent)
+    job_of(path).model_validate(load_config(job_of(path), path).model_dump())
+
+
+def test_a_missing_recipe_is_named():
+    with pytest.raises(ConfigError, match=r"recipe nope\.yaml not found: expected .*configs/nope\.yaml"):
+        recipe_path("nope.yaml")
+
+
+def old_bench_config(real_root: Path | None, runs_dir: str, seed: int) -> PropagateJobConfig:
+    """bench_config as it was before configs/propagate-bench.yaml: its overrides, verbatim."""
+    overrides = [
+        "name=propagate-bench" if seed == 0 else f"name=propagate-bench-seed{seed}",
+        f"compute.seed={seed}",
+        f"runs_dir={runs_dir}",
+        "data.size=256",
+        "data.sim_frames=400",
+        "data.sim_sequences=32",
+        "deform.elastic=0.04",
+        "stage1_epochs=6",
+        "steps_per_epoch=150",
+        "compute.epochs=45",
+    ]
+    if real_root is not None and (real_root / "img").is_dir():
+        overrides.append(f"data.real={{kind: vocalfolds, uri: {real_root}, sequences: [seq1, seq2, seq3]}}")
+        overrides.append(f"val={{kind: vocalfolds, uri: {real_root}, sequences: [seq4]}}")
+    return load_config(PropagateJobConfig, None, overrides)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_propagation_bench_recipe_trains_what_bench_config_trained(tmp_path, seed):
+    (tmp_path / "vocalfolds" / "img").mkdir(parents=True)
+    for root in (tmp_path / "vocalfolds", tmp_path / "absent", None):
+        runs = str(tmp_path / "runs")
+        assert bench_config(root, runs, seed) == old_bench_config(root, runs, seed), root
+    cfg = bench_config(tmp_path / "vocalfolds", seed=seed)
+    assert cfg.compute.epochs == 45 and cfg.compute.seed == seed and cfg.runs_dir == "runs"
+    assert cfg.name == ("propagate-bench" if seed == 0 else f"propagate-bench-seed{seed}")
+    assert cfg.data.real.uri == cfg.val.uri == str(tmp_path / "vocalfolds")
+
+
+def test_the_propagation_bench_recipe_run_by_hand_is_the_bench_network_on_the_shared_data(tmp_path, monkeypatch):
+    (tmp_path / "img").mkdir()
+    bench = bench_config(tmp_path)
+    monkeypatch.chdir(CONFIGS_DIR.parent)
+    by_hand = load_recipe(PropagateJobConfig, "propagate-bench.yaml")
+    shared = os.path.abspath("../shared/data/vocalfolds")
+    assert by_hand.data.real.uri == by_hand.val.uri == shared
+    data = bench.data.model_copy(update={"real": bench.data.real.model_copy(update={"uri": shared})})
+    assert by_hand == bench.model_copy(update={"data": data, "val": bench.val.model_copy(update={"uri": shared})})
