@@ -9,18 +9,23 @@ from pathlib import Path
 import pytest
 
 from pipelines.bench import bench_jobs
+from pipelines.bench_adapt import BenchAdaptConfig, plan
 from pipelines.bench_propagate import bench_config
+from training.adapt.config import AdaptJobConfig
 from training.config import CONFIGS_DIR, ConfigError, load_config, load_recipe, recipe_path
 from training.data.sources import DataSpec
 from training.loop import ComputeConfig
 from training.models.unet import UNetConfig
 from training.propagate.config import PropagateJobConfig
 from training.segment.config import SegmentJobConfig
+from training.style.translator_config import TranslatorJobConfig
 from training.tracking import TrackingConfig
 
 # A recipe's job, from its file name's prefix; a file matching none fails test_every_recipe_loads.
 JOB_BY_PREFIX = {
     "segment": SegmentJobConfig,
+    "adapt": AdaptJobConfig,
+    "style-translator": TranslatorJobConfig,
     "propagate": PropagateJobConfig,
 }
 
@@ -136,3 +141,31 @@ def test_the_segment_recipe_run_by_hand_is_the_benched_default_model(monkeypatch
     assert (by_hand.source.sequences, by_hand.val.sequences) == (["seq1", "seq2", "seq3"], ["seq4"])
     same = {"name": by_hand.name, "tracking": by_hand.tracking, "source": by_hand.source, "val": by_hand.val}
     assert by_hand == benched.model_copy(update=same)
+
+
+def trained(cfg, **update) -> dict:
+    """What a job trains: its dump with `update`, less the simulator-only keys of a data section read from disk."""
+    tree = cfg.model_copy(update=update).model_dump(mode="json")
+    for section in tree.values():
+        if isinstance(section, dict) and section.get("kind") not in (None, "sim"):
+            for key in ("style", "count", "seed"):
+                section.pop(key)
+    return tree
+
+
+@pytest.mark.parametrize(("recipe", "rung"), [("adapt.yaml", "irb"), ("style-translator.yaml", "translator_training")])
+def test_the_adaptation_recipes_are_the_vocalfolds_ladders_jobs(recipe, rung, monkeypatch):
+    """configs/adapt.yaml and style-translator.yaml train what `make bench-adapt`'s vocalfolds ladder trains (its
+    best rung, and its translator), from its source-only run, under their own name, storage and experiment."""
+    monkeypatch.chdir(CONFIGS_DIR.parent)
+    ladder = BenchAdaptConfig(real_data="../shared/data/vocalfolds", runs_dir="runs/bench/adapt-vocalfolds")
+    benched = plan(ladder).jobs[rung]
+    by_hand = load_recipe(type(benched), recipe)
+    checkpoint = "teacher_checkpoint" if rung == "irb" else "segmenter_checkpoint"  # the ladder's source_only run
+    assert str(Path(getattr(by_hand, checkpoint)).resolve()) == getattr(benched, checkpoint)
+    own = {"name": by_hand.name, "runs_dir": by_hand.runs_dir, "tracking": by_hand.tracking, checkpoint: None}
+    if rung == "irb":
+        assert benched.val is None and by_hand.val.sequences == ladder.eval_sequences  # scored every epoch here
+        own["val"] = by_hand.val
+    assert trained(by_hand, **own) == trained(benched, **own)
+    assert by_hand.target.uri == os.path.abspath("../shared/data/vocalfolds") and not by_hand.target.labelled
