@@ -20,6 +20,7 @@ from training.propagate.config import PropagateJobConfig
 from training.segment.config import SegmentJobConfig
 from training.style.translator_config import TranslatorJobConfig
 from training.tracking import TrackingConfig
+from training.tune import SweepConfig, check_space
 
 # A recipe's job, from its file name's prefix; a file matching none fails test_every_recipe_loads.
 JOB_BY_PREFIX = {
@@ -27,6 +28,7 @@ JOB_BY_PREFIX = {
     "adapt": AdaptJobConfig,
     "style-translator": TranslatorJobConfig,
     "propagate": PropagateJobConfig,
+    "sweep": SweepConfig,
 }
 
 
@@ -45,6 +47,13 @@ def test_every_recipe_loads(path, monkeypatch):
     # Loading reads no data: a data section's uri is only made absolute.
     monkeypatch.chdir(CONFIGS_DIR.parent)
     job_of(path).model_validate(load_config(job_of(path), path).model_dump())
+
+
+def test_a_recipe_of_no_known_job_fails():
+    for name in ("job.yaml", "segmentation.yaml", "sweep.yml", "README.md"):
+        with pytest.raises(AssertionError, match="no job for this name"):
+            job_of(CONFIGS_DIR / name)
+    assert job_of(CONFIGS_DIR / "segment-vocalfolds-fda.yaml") is SegmentJobConfig
 
 
 def test_a_missing_recipe_is_named():
@@ -169,3 +178,19 @@ def test_the_adaptation_recipes_are_the_vocalfolds_ladders_jobs(recipe, rung, mo
         own["val"] = by_hand.val
     assert trained(by_hand, **own) == trained(benched, **own)
     assert by_hand.target.uri == os.path.abspath("../shared/data/vocalfolds") and not by_hand.target.labelled
+
+
+def test_the_sweep_recipe_is_the_k8s_sweep_over_the_readme_example(monkeypatch):
+    monkeypatch.chdir(CONFIGS_DIR.parent)
+    local = load_recipe(SweepConfig, "sweep.yaml")
+    k8s = load_config(SweepConfig, CONFIGS_DIR.parent / "k8s/base/config/sweep.yaml")
+    assert (local.base, local.runs_dir, k8s.base, k8s.runs_dir) == (
+        "configs/segment-vocalfolds-fda.yaml",
+        "runs",
+        "/config/job.yaml",
+        "/runs",
+    )
+    same = {"base": "", "runs_dir": ""}
+    assert local.model_copy(update=same) == k8s.model_copy(update=same)
+    base = check_space(local)  # the base loads as the sweep's job, and every bound of the space passes through it
+    assert isinstance(base, AdaptJobConfig) and base.val.sequences == ["seq4"]
