@@ -20,12 +20,11 @@ import onnxruntime as ort
 
 from pipelines.local_ray import local_ray
 from pipelines.segment_flow import train_and_export
+from training.config import load_recipe
 from training.data.sources import DataSpec
 from training.export import export_segmenter
-from training.loop import ComputeConfig
 from training.models.unet import Segmenter, UNetConfig, count_parameters
 from training.segment.config import SegmentJobConfig
-from training.tracking import TrackingConfig
 
 
 def onnx_frames_per_second(model: Segmenter, size: int = 256, threads: int = 2, runs: int = 50) -> dict:
@@ -47,16 +46,31 @@ def onnx_frames_per_second(model: Segmenter, size: int = 256, threads: int = 2, 
     return {"median_ms": round(median * 1000, 2), "fps": round(1 / median, 1), "threads": threads, "runs": runs}
 
 
-def bench_segment(out: Path, real_root: Path | None, epochs: int = 30, runs_dir: str = "runs/bench") -> dict:
+BENCH_RECIPE = "segment.yaml"  # configs/: the segmentation job both benched models train
+
+
+def bench_jobs(real_root: Path | None, epochs: int = 30, runs_dir: str = "runs/bench") -> tuple[str, dict]:
+    """(what the data is, {model name: its training}): configs/segment.yaml with each model, its name, `epochs`,
+    `runs_dir` and the bench's MLflow experiment; the data read from `real_root`, or the embedded real-like simulator
+    when it has no img/."""
     if real_root is not None and (real_root / "img").is_dir():
         data = "vocalfolds seq1-3 -> seq4"
-        train = DataSpec(kind="vocalfolds", uri=str(real_root), sequences=["seq1", "seq2", "seq3"])
-        evaluate = DataSpec(kind="vocalfolds", uri=str(real_root), sequences=["seq4"])
+        sections = [f"source.uri={json.dumps(str(real_root))}", f"val.uri={json.dumps(str(real_root))}"]
     else:
         data = "embedded simulator, real-like renderer"
         train = DataSpec(kind="sim", style="real-like", count=240, seed=10)
         evaluate = DataSpec(kind="sim", style="real-like", count=96, seed=2000)
-    models = {"default": UNetConfig(), "plain_unet": UNetConfig.plain()}
+        sections = [f"source={train.model_dump_json()}", f"val={evaluate.model_dump_json()}"]
+    common = [f"runs_dir={json.dumps(runs_dir)}", f"compute.epochs={epochs}", "tracking.experiment=endoflow-bench"]
+    jobs = {}
+    for name, model in {"default": UNetConfig(), "plain_unet": UNetConfig.plain()}.items():
+        job = [f"name=bench-{name}", f"model={model.model_dump_json()}", *common, *sections]
+        jobs[name] = load_recipe(SegmentJobConfig, BENCH_RECIPE, job)
+    return data, jobs
+
+
+def bench_segment(out: Path, real_root: Path | None, epochs: int = 30, runs_dir: str = "runs/bench") -> dict:
+    data, jobs = bench_jobs(real_root, epochs, runs_dir)
     report: dict = {
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
         "data": data,
@@ -64,23 +78,14 @@ def bench_segment(out: Path, real_root: Path | None, epochs: int = 30, runs_dir:
         "models": {},
     }
     with local_ray():
-        for name, model_cfg in models.items():
+        for name, cfg in jobs.items():
             print(f"[bench] {name}: onnxruntime speed", flush=True)
             entry = {
-                "parameters": count_parameters(Segmenter(model_cfg)),
-                "onnx_cpu": onnx_frames_per_second(Segmenter(model_cfg)),
+                "parameters": count_parameters(Segmenter(cfg.model)),
+                "onnx_cpu": onnx_frames_per_second(Segmenter(cfg.model)),
             }
-            cfg = SegmentJobConfig(
-                name=f"bench-{name}",
-                runs_dir=runs_dir,
-                source=train,
-                val=evaluate,
-                model=model_cfg,
-                compute=ComputeConfig(epochs=epochs, workers=2, batch_size=4),
-                tracking=TrackingConfig(experiment="endoflow-bench"),
-            )
             print(f"[bench] {name}: training {epochs} epochs on {data}", flush=True)
-            result = train_and_export(cfg, evaluate, Path(runs_dir) / "artifacts", fresh=True)
+            result = train_and_export(cfg, cfg.val, Path(runs_dir) / "artifacts", fresh=True)
             entry |= {
                 "mean_dice": result.summary["mean_dice"],
                 "dice": result.summary["dice"],

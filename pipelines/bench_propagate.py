@@ -14,10 +14,10 @@ trained on) with the middle labelled slice given, propagated both ways (min_area
 2 mm per organ, beside copying the key slice (`ct_volumes`; the bench network sees CT slices only when its config's
 data.sim_volumes > 0).
 
-Without --model it uses runs/artifacts/propagate-bench.pt, training it first when missing (`bench_config`: 6750
-clip batches at 256×256, 65 min on 2 idle AMD EPYC cores, longer on slower or shared ones; a stopped run
-resumes) on simulator data and vocalfolds seq1–3; seq4 is never trained on. Vocalfolds: Laves et al., IJCARS 2019,
-CC BY 4.0.
+Without --model it uses runs/artifacts/propagate-bench.pt, training it first when missing (`bench_config`, the recipe
+configs/propagate-bench.yaml: 6750 clip batches at 256×256, 65 min on 2 idle AMD EPYC cores, longer on slower or
+shared ones; a stopped run resumes) on simulator data and vocalfolds seq1–3; seq4 is never trained on.
+Vocalfolds: Laves et al., IJCARS 2019, CC BY 4.0.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from pipelines.propagate_flow import (
     sequence_parity,
     train_and_export,
 )
-from training.config import load_config
+from training.config import load_config, load_recipe
 from training.data.simulator import simulate_sequences
 from training.data.sources import DataSpec
 from training.data.volumes import simulate_volume
@@ -55,7 +55,8 @@ from training.propagate.key_frame_tuning import KeyFrameTuner, KeyFrameTuning
 from training.propagate.pseudo_labels import OnnxReferenceSegmenter
 from training.segment.config import SegmentJobConfig
 
-TRAIN_SEQUENCES = ["seq1", "seq2", "seq3"]
+BENCH_RECIPE = "propagate-bench.yaml"  # configs/: the bench network's training
+TRAIN_SEQUENCES = ["seq1", "seq2", "seq3"]  # as in BENCH_RECIPE's data.real; the guide segmenter trains on them too
 GUIDE_WEIGHT = 0.5  # fixed before any guided run was scored: an even mix, not tuned on seq4
 MEMORY_SIZES = (8, 16, 32)  # max_memory values the bench also scores: seq4 (66 frames) outgrows a memory of 8
 LONG_SIM = {"n_sequences": 6, "length": 80, "seed": 4244}  # simulator sequences long enough to fill 32 entries
@@ -63,26 +64,19 @@ CT_SEEDS = range(5000, 5008)  # simulator CT volumes (default 96×96×40 geometr
 
 
 def bench_config(real_root: Path | None, runs_dir: str = "runs", seed: int = 0) -> PropagateJobConfig:
-    """The bench network's training; another `seed` is the same training with other initial weights and clips (an
-    ensemble member, saved as propagate-bench-seed<seed>)."""
+    """The bench network's training, configs/propagate-bench.yaml; another `seed` is the same training with other
+    initial weights and clips (an ensemble member, saved as propagate-bench-seed<seed>). The vocalfolds sections
+    read `real_root`, and are dropped when it has no img/ (simulator only)."""
     overrides = [
         "name=propagate-bench" if seed == 0 else f"name=propagate-bench-seed{seed}",
         f"compute.seed={seed}",
         f"runs_dir={runs_dir}",
-        "data.size=256",
-        "data.sim_frames=400",
-        "data.sim_sequences=32",
-        "deform.elastic=0.04",
-        "stage1_epochs=6",
-        "steps_per_epoch=150",
-        # 20 left seq4 lower and swinging more between epochs than 30 (README, 2026-12-06); 45 with a memory of 16
-        # frames met the seq4 target on two seeds (README, fourteenth experiment)
-        "compute.epochs=45",
     ]
     if real_root is not None and (real_root / "img").is_dir():
-        overrides.append(f"data.real={{kind: vocalfolds, uri: {real_root}, sequences: [{', '.join(TRAIN_SEQUENCES)}]}}")
-        overrides.append(f"val={{kind: vocalfolds, uri: {real_root}, sequences: [seq4]}}")  # logged, never trained on
-    return load_config(PropagateJobConfig, None, overrides)
+        overrides += [f"data.real.uri={json.dumps(str(real_root))}", f"val.uri={json.dumps(str(real_root))}"]
+    else:
+        overrides += ["data.real=", "val="]
+    return load_recipe(PropagateJobConfig, BENCH_RECIPE, overrides)
 
 
 def guide_segmenter_config(real_root: Path, runs_dir: str = "runs") -> SegmentJobConfig:

@@ -67,3 +67,21 @@ class StrictModel(BaseModel):
     """Base for config sections: unknown keys are errors, not silently ignored typos."""
 
     model_config = {"extra": "forbid"}
+
+
+# The checked-in recipes (configs/*.yaml at the repository root): the one place that says where they are. The
+# package is installed editable from the repository (pyproject.toml), so the root is this file's parent's parent.
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def recipe_path(name: str) -> Path:
+    """configs/<name>, failing with the file named when it is missing (e.g. a non-editable install)."""
+    path = CONFIGS_DIR / name
+    if not path.is_file():
+        raise ConfigError(f"recipe {name} not found: expected {path} (configs/ at the repository root)")
+    return path
+
+
+def load_recipe(cls: type[ConfigT], name: str, overrides: list[str] | None = None) -> ConfigT:
+    """The checked-in recipe configs/<name> as `cls`, then each override in order."""
+    return load_config(cls, recipe_path(name), overrides)
