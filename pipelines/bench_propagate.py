@@ -75,8 +75,9 @@ def bench_config(real_root: Path | None, runs_dir: str = "runs", seed: int = 0) 
         "deform.elastic=0.04",
         "stage1_epochs=6",
         "steps_per_epoch=150",
-        # 20 left seq4 lower and swinging more between epochs than 30 (README, 2026-12-06); 45 with a memory of 16
-        # frames met the seq4 target on two seeds (README, fourteenth experiment)
+        # 20 left seq4 lower and swinging more between epochs than 30 (docs/experiments/006-thirty-epochs.md); 45
+        # with a memory of 16 frames met the seq4 target on two seeds
+        # (docs/experiments/014-45-epochs-memory-16-seed-1.md)
         "compute.epochs=45",
     ]
     if real_root is not None and (real_root / "img").is_dir():
@@ -180,7 +181,8 @@ def without_average(model_path: Path, sequences: dict, policy: MemoryPolicy, tra
 def ensemble_of_seeds(model_paths: list[Path], sequences: dict, policy: MemoryPolicy, trained_on: list[str]) -> dict:
     """J&F of the ensemble (every member streams with its own memory and each frame takes the mean of their
     probabilities, inference.propagate) and of each member alone. Retrains of the bench differ on held-out seq4 by
-    up to 0.1 (README); averaging independently trained members is the standard remedy for that variance."""
+    up to 0.1 (docs/experiments/004-seed-ensemble.md); averaging independently trained members is the standard
+    remedy for that variance."""
     members = [torch_backend(path, policy.top_k) for path in model_paths]
     return {
         "members": [str(path) for path in model_paths],
