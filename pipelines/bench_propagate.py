@@ -174,7 +174,8 @@ def without_average(model_path: Path, sequences: dict, policy: MemoryPolicy, tra
 def ensemble_of_seeds(model_paths: list[Path], sequences: dict, policy: MemoryPolicy, trained_on: list[str]) -> dict:
     """J&F of the ensemble (every member streams with its own memory and each frame takes the mean of their
     probabilities, inference.propagate) and of each member alone. Retrains of the bench differ on held-out seq4 by
-    up to 0.1 (README); averaging independently trained members is the standard remedy for that variance."""
+    up to 0.1 (docs/experiments/004-seed-ensemble.md); averaging independently trained members is the standard
+    remedy for that variance."""
     members = [torch_backend(path, policy.top_k) for path in model_paths]
     return {
         "members": [str(path) for path in model_paths],

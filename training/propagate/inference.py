@@ -35,9 +35,10 @@ class MemoryPolicy(StrictModel):
     min_area: an object winning less than this fraction of a frame is taken as absent from that frame
     (winning_channels); it changes the labels only, the memory still gets the probabilities. 0.005 was chosen on
     vocalfolds seq1–3 and simulator sequences, and kept by a rule fixed beforehand: held-out seq4 gained 0.031, 0.026
-    and 0.032 on three 30-epoch bench seeds (README). max_memory 16, with the 45-epoch bench: by a rule fixed before
-    its training, a fresh seed scored held-out seq4 (66 frames, which outgrow a memory of 8) 0.767 against 0.735 with
-    8, and the first 45-epoch seed 0.751 against 0.729 (README, fourteenth and ninth experiments); the short
+    and 0.032 on three 30-epoch bench seeds (docs/experiments/007-min-area.md). max_memory 16, with the 45-epoch
+    bench: by a rule fixed before its training, a fresh seed scored held-out seq4 (66 frames, which outgrow a memory
+    of 8) 0.767 against 0.735 with 8, and the first 45-epoch seed 0.751 against 0.729
+    (docs/experiments/014-45-epochs-memory-16-seed-1.md and 009-longer-memory.md); the short
     sequences of seq1–3 and the simulator hardly change. It costs 0–20 % of the frames/s (40–67 on 2 cores; one
     slower machine fell to 26.5–27.6, where max_memory 8 keeps the stream near 30)."""
 
@@ -162,7 +163,8 @@ class SegmenterGuide:
     propagated frame with `weight` before the frame is labelled and remembered. The memory forgets a region that
     leaves the view, and the key frame may show it only at its edge; the segmenter recognises it by class when it
     comes back. Object o is class o: propagation here runs on class label maps. It helps only as far as the
-    segmenter is right: one trained on vocalfolds seq1-3 lowered held-out seq4 at weight 0.5 (README, 2026-12-05)."""
+    segmenter is right: one trained on vocalfolds seq1-3 lowered held-out seq4 at weight 0.5
+    (docs/experiments/001-key-frame-tuning-and-segmenter-guide.md)."""
 
     probs_tchw: np.ndarray
     weight: float = 0.5

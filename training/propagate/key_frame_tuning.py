@@ -8,7 +8,7 @@ its own tuned copy, and nothing but the key frame's given labels is used.
 It runs in torch (gradients), so it is an offline option of evaluate / run / pseudo-label, not part of the ONNX
 graphs' streaming contract. Batch norm keeps the trained statistics while tuning: batches of one image's
 deformations would replace them with that image's. On the 2026-12-05 bench checkpoint it lowered J&F on all four
-vocalfolds sequences (README), so it is off unless asked for.
+vocalfolds sequences (docs/experiments/001-key-frame-tuning-and-segmenter-guide.md), so it is off unless asked for.
 """
 
 from __future__ import annotations
