@@ -61,6 +61,15 @@ def test_a_missing_recipe_is_named():
         recipe_path("nope.yaml")
 
 
+def test_an_installed_package_reads_the_recipes_from_endoflow_configs(tmp_path, monkeypatch):
+    """The train image installs the package without the checkout; it ships configs/ and points here at it."""
+    (tmp_path / "segment.yaml").write_text((CONFIGS_DIR / "segment.yaml").read_text())
+    monkeypatch.setenv("ENDOFLOW_CONFIGS", str(tmp_path))
+    assert recipe_path("segment.yaml") == tmp_path / "segment.yaml"
+    with pytest.raises(ConfigError, match="propagate-bench.yaml not found.*ENDOFLOW_CONFIGS"):
+        recipe_path("propagate-bench.yaml")
+
+
 def old_bench_config(real_root: Path | None, runs_dir: str, seed: int) -> PropagateJobConfig:
     """bench_config as it was before configs/propagate-bench.yaml: its overrides, verbatim."""
     overrides = [

@@ -6,6 +6,7 @@ Overrides are `dotted.key=value` strings; the value is parsed as YAML, so `train
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -74,11 +75,18 @@ class StrictModel(BaseModel):
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
+def configs_dir() -> Path:
+    """configs/ of the checkout, or $ENDOFLOW_CONFIGS where the package is installed without one (the train image)."""
+    return Path(os.environ["ENDOFLOW_CONFIGS"]) if os.environ.get("ENDOFLOW_CONFIGS") else CONFIGS_DIR
+
+
 def recipe_path(name: str) -> Path:
     """configs/<name>, failing with the file named when it is missing (e.g. a non-editable install)."""
-    path = CONFIGS_DIR / name
+    path = configs_dir() / name
     if not path.is_file():
-        raise ConfigError(f"recipe {name} not found: expected {path} (configs/ at the repository root)")
+        raise ConfigError(
+            f"recipe {name} not found: expected {path} (configs/ at the repository root, or set ENDOFLOW_CONFIGS)"
+        )
     return path
 
 
