@@ -19,7 +19,8 @@ from serving.errors import RequestError
 from serving.loaded import LoadedModel
 from serving.metrics import ServiceMetrics
 from serving.onnx_model import OnnxSegmenter, Provider
-from serving.propagation import OnnxPropagator, resolve_graphs
+from serving.propagation import OnnxPropagator
+from serving.propagation_graphs import resolve_graphs
 from serving.resolve import ResolvedModel, resolve_model
 from serving.session_host import ReplicaHost
 
