@@ -25,11 +25,11 @@ import numpy as np
 from PIL import Image
 
 from serving.errors import RequestError
+from serving.memory_stream import MemoryStream, one_hot, winning_channels
 from serving.onnx_model import Provider, make_session
+from serving.propagation_graphs import GRAPHS, check_one_export
 from serving.raw_model import RawOnnxModel
-from serving.resolve import ResolvedModel, resolve_model
-
-GRAPHS = ("encode_key", "encode_value", "segment")
+from serving.resolve import ResolvedModel
 
 
 @dataclass(frozen=True)
@@ -73,56 +73,6 @@ class PropagationMetadata:
             raise ValueError(f"{source}: invalid propagation metadata: {err}") from err
 
 
-def winning_channels(probs_nhw: np.ndarray, min_area: float) -> np.ndarray:
-    """(h, w) most probable channel of one frame's probabilities (N + 1, h, w), where an object winning fewer than
-    `min_area` of the pixels is taken as absent and its pixels get their next most probable channel (one pass;
-    background never drops out). The contract's rule (training/propagate/export.py); serving ships without training/."""
-    winners = probs_nhw.argmax(0)
-    if min_area <= 0:
-        return winners
-    counts = np.bincount(winners.ravel(), minlength=len(probs_nhw))
-    absent = [c for c in range(1, len(probs_nhw)) if 0 < counts[c] < min_area * winners.size]
-    if not absent:
-        return winners
-    kept = probs_nhw.copy()
-    kept[absent] = -1.0
-    return kept.argmax(0)
-
-
-def resolve_graphs(ref: str, cache_dir: str | None = None, tracking_uri: str | None = None) -> dict[str, ResolvedModel]:
-    """models:/NAME@alias -> the registered NAME-encode_key/-encode_value/-segment at that alias; a path (one of
-    the graphs, or their directory) -> its siblings named in `endoflow.graphs`. Each one's sha256 is taken."""
-    if ref.startswith("models:/"):
-        base, sep, tail = ref.rpartition("@") if "@" in ref else ref.rpartition("/")
-        return {g: resolve_model(f"{base}-{g}{sep}{tail}", cache_dir, tracking_uri) for g in GRAPHS}
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        found = sorted(path.glob("*.segment.onnx"))
-        if not found:
-            raise FileNotFoundError(f"{path}: no *.segment.onnx; expected the three propagation graphs")
-        path = found[0]
-    import onnx  # the graph header only, to find the siblings
-
-    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    if props.get("endoflow.task") != "propagation" or "endoflow.graphs" not in props:
-        raise ValueError(f"{path}: not a propagation graph (endoflow.task = {props.get('endoflow.task')!r})")
-    files = json.loads(props["endoflow.graphs"])
-    return {g: resolve_model(path.parent / files[g]) for g in GRAPHS}
-
-
-def _check_same_export(props: dict[str, dict[str, str]], graphs: dict[str, ResolvedModel]) -> None:
-    """The contract gives the three files identical metadata except `endoflow.graph`. A difference means graphs of
-    two exports, e.g. caught while a registry's three aliases were being moved one after the other: refuse them."""
-    reference = {k: v for k, v in props["segment"].items() if k != "endoflow.graph"}
-    for graph in ("encode_key", "encode_value"):
-        other = {k: v for k, v in props[graph].items() if k != "endoflow.graph"}
-        if differing := sorted(k for k in reference.keys() | other.keys() if reference.get(k) != other.get(k)):
-            raise ValueError(
-                f"{graphs[graph].ref} and {graphs['segment'].ref} are not graphs of one export "
-                f"(metadata {differing} differ); the three graphs must come from the same export"
-            )
-
-
 class OnnxPropagator:
     def __init__(
         self,
@@ -133,7 +83,7 @@ class OnnxPropagator:
         self.graphs = graphs
         self.sessions = {g: make_session(graphs[g].path, providers, threads) for g in GRAPHS}
         props = {g: dict(self.sessions[g].get_modelmeta().custom_metadata_map) for g in GRAPHS}
-        _check_same_export(props, graphs)
+        check_one_export(props, graphs)  # again on what the sessions loaded: files may move
         self.metadata = PropagationMetadata.from_props(props["segment"], graphs["segment"].path)
         self.providers = self.sessions["segment"].get_providers()
         self.sha256 = {g: graphs[g].sha256 for g in GRAPHS}
@@ -174,8 +124,9 @@ class OnnxPropagator:
         return self.sessions["segment"].run(None, feeds | {"memory_values": memory_values})[0]
 
 
-class Stream:
-    """One video: opened with its first frame and mask, then one `step` per later frame (the contract's loop)."""
+class Stream(MemoryStream):
+    """One video: opened with its first frame and mask, then one `step` per later frame (the contract's loop, in
+    MemoryStream), at the client's frame size and with the client's labels."""
 
     def __init__(self, model: OnnxPropagator, frame_hw3: np.ndarray, mask_hw: np.ndarray) -> None:
         if frame_hw3.shape[:2] != mask_hw.shape:
@@ -194,38 +145,20 @@ class Stream:
         self.objects = [int(o) for o in np.unique(mask_hw) if o != 0]
         self.lookup = np.array([0, *self.objects], np.uint8)
         self.frames_seen = 1
-        self.memory: list[tuple[np.ndarray, np.ndarray]] = []
-        self.previous: tuple[np.ndarray, np.ndarray] | None = None  # the last frame, when not in memory
+        super().__init__(model, model.metadata)
         if self.objects:
             height, width = model.metadata.input_size
             small = np.asarray(Image.fromarray(mask_hw).resize((width, height), Image.Resampling.NEAREST))
-            masks = np.stack([(small == o) for o in self.objects])[:, None].astype(np.float32)
-            image = model.prepare(frame_hw3)
-            key, f16, _, _ = model.encode_key(image)
-            self.memory.append((key, model.encode_value(image, f16, masks)))
+            self.start(model.prepare(frame_hw3), one_hot(small, self.objects))
 
     def step(self, frame_hw3: np.ndarray) -> np.ndarray:
         """uint8 (h, w, 3) -> uint8 label map (h, w)."""
         t, self.frames_seen = self.frames_seen, self.frames_seen + 1
         if not self.objects:  # nothing to follow: every later frame is background
             return np.zeros(frame_hw3.shape[:2], np.uint8)
-        model, metadata = self.model, self.model.metadata
-        image = model.prepare(frame_hw3)
-        key, f16, f8, f4 = model.encode_key(image)
-        read = self.memory if self.previous is None else [*self.memory, self.previous]
-        memory_keys = np.concatenate([k for k, _ in read], axis=0)
-        memory_values = np.stack([v for _, v in read], axis=1)
-        probs = model.segment(key, f16, f8, f4, memory_keys, memory_values)
-        labels = self.lookup[winning_channels(probs[0], metadata.min_area)]
-        self.previous, keep = None, t % metadata.mem_every == 0
-        if keep or metadata.previous_frame:
-            entry = (key, model.encode_value(image, f16, np.ascontiguousarray(probs[0, 1:, None])))
-            if keep:
-                self.memory.append(entry)
-                if len(self.memory) > metadata.max_memory:
-                    del self.memory[1]  # the key frame always stays
-            else:
-                self.previous = entry
+        probs = self.read(self.model.prepare(frame_hw3))
+        labels = self.lookup[winning_channels(probs[0], self.model.metadata.min_area)]
+        self.remember(t, probs)
         height, width = frame_hw3.shape[:2]
         if labels.shape == (height, width):
             return labels

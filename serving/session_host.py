@@ -19,9 +19,11 @@ order they arrive, and the store's lock guards the session table.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
+import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -39,6 +41,7 @@ from serving.sessions import SessionStore
 NAMESPACE = "endoflow-sessions"
 PREFIX = "endoflow-sessions-"
 MAX_THREADS = 64  # the host's calls in flight at once: sessions stepping in parallel, plus open/close/count
+log = logging.getLogger("ray.serve")
 
 
 class SessionHost:
@@ -177,3 +180,67 @@ class HostDirectory:
         except HostGone:
             self.forget(name)
             raise gone from None
+
+
+class ReplicaHost:
+    """This replica's own session host, where the streams it opens live: started with the propagation graphs,
+    swapped when they move, and replaced if it died (crash, OOM), its sessions lost."""
+
+    def __init__(
+        self,
+        directory: HostDirectory,
+        providers: Sequence[Provider],
+        threads: int | None,
+        max_sessions: int,
+        idle_timeout_s: float,
+    ) -> None:
+        self.directory = directory
+        self.providers, self.threads = providers, threads
+        self.max_sessions, self.idle_timeout_s = max_sessions, idle_timeout_s
+        self.name: str | None = None
+        self.handle: Any = None  # None: no propagation model, no host
+        self.lock = threading.Lock()  # one replacement at a time
+
+    def start(self, graphs: dict[str, ResolvedModel]) -> None:
+        name, handle = start_host(graphs, self.providers, self.threads, self.max_sessions, self.idle_timeout_s)
+        self.directory.remember(name, handle)
+        self.name, self.handle = name, handle
+
+    def _replace(self, graphs: dict[str, ResolvedModel]) -> None:  # the caller holds self.lock
+        if self.name is not None:
+            self.directory.forget(self.name)
+        self.start(graphs)
+
+    async def open(
+        self, frame_hw3: np.ndarray, mask_hw: np.ndarray, graphs: Callable[[], dict[str, ResolvedModel]]
+    ) -> dict[str, Any]:
+        """Open a stream here; a host that died is replaced once, on the graphs `graphs()` names then."""
+        handle = self.handle
+        try:
+            return await invoke(handle, "open", frame_hw3, mask_hw)
+        except HostGone:
+            log.warning("session host %s died (its sessions are lost); starting a new one", self.name)
+
+        def replace() -> None:
+            with self.lock:
+                if self.handle is handle:  # not already replaced by a concurrent request
+                    self._replace(graphs())
+
+        await asyncio.to_thread(replace)
+        return await invoke(self.handle, "open", frame_hw3, mask_hw)
+
+    def swap(self, graphs: dict[str, ResolvedModel]) -> None:
+        """New streams start on `graphs` (from a plain thread: the reload loop); a dead host is replaced on them."""
+        try:
+            call_sync(self.handle, "swap", graphs)
+        except HostGone:
+            log.warning("the session host died; starting a new one on the moved graphs")
+            with self.lock:
+                self._replace(graphs)
+
+    async def count(self) -> int:
+        """Sessions this host holds (opened here, served from anywhere); 0 once it died."""
+        try:
+            return await invoke(self.handle, "count")
+        except HostGone:
+            return 0

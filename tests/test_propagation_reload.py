@@ -17,7 +17,8 @@ import pytest
 from test_propagation_serving import b64, clip, graphs_dir, png_array, retrained  # noqa: F401 - graphs_dir: fixture
 from test_serving import save_model, serving, to_bytes
 
-from serving.propagation import GRAPHS, OnnxPropagator, Stream
+from serving.propagation import OnnxPropagator, Stream
+from serving.propagation_graphs import GRAPHS
 from serving.resolve import resolve_model
 
 pytestmark = pytest.mark.slow

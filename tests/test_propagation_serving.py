@@ -21,7 +21,8 @@ from PIL import Image
 from test_serving import save_model, serving, to_bytes
 
 from serving.errors import RequestError
-from serving.propagation import GRAPHS, OnnxPropagator, Stream, resolve_graphs
+from serving.propagation import OnnxPropagator, Stream
+from serving.propagation_graphs import GRAPHS, resolve_graphs
 from serving.sessions import SessionStore
 
 SIZE = 64

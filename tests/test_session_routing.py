@@ -24,7 +24,8 @@ from test_propagation_serving import b64, clip, graphs_dir, png_array  # noqa: F
 from test_serving import save_model, to_bytes
 
 from serving.errors import RequestError
-from serving.propagation import OnnxPropagator, Stream, resolve_graphs
+from serving.propagation import OnnxPropagator, Stream
+from serving.propagation_graphs import resolve_graphs
 from serving.session_host import PREFIX, HostDirectory, SessionHost
 
 ROOT = Path(__file__).resolve().parents[1]
