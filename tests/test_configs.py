@@ -144,7 +144,7 @@ def test_the_segment_bench_trains_what_it_trained_before_its_recipe_was_a_file(t
     (tmp_path / "vocalfolds" / "img").mkdir(parents=True)
     for root in (tmp_path / "vocalfolds", tmp_path / "absent", None):
         for epochs in (30, 2):
-            data, jobs = bench_jobs(root, epochs, str(tmp_path / "runs"))
+            data, jobs = bench_jobs(root, epochs, str(tmp_path / "runs"), ("default", "plain_unet"))
             assert jobs == old_bench_jobs(root, epochs, str(tmp_path / "runs")), (root, epochs)
             assert data.startswith("vocalfolds" if root == tmp_path / "vocalfolds" else "embedded simulator")
     assert jobs["plain_unet"].model == UNetConfig.plain() and jobs["default"].model == UNetConfig()
@@ -203,3 +203,13 @@ def test_the_sweep_recipe_is_the_k8s_sweep_over_the_readme_example(monkeypatch):
     assert local.model_copy(update=same) == k8s.model_copy(update=same)
     base = check_space(local)  # the base loads as the sweep's job, and every bound of the space passes through it
     assert isinstance(base, AdaptJobConfig) and base.val.sequences == ["seq4"]
+
+
+def test_the_segment_bench_trains_the_pretrained_variant_with_the_same_recipe(tmp_path):
+    data, jobs = bench_jobs(None, 30, str(tmp_path / "runs"))
+    assert list(jobs) == ["default", "lite0_imagenet", "plain_unet"]
+    lite0, default = jobs["lite0_imagenet"], jobs["default"]
+    assert lite0.model.encoder == "lite0-imagenet" and default.model.encoder == "scratch"
+    assert lite0.model_copy(update={"name": default.name, "model": default.model}) == default
+    with pytest.raises(ValueError, match="unknown bench models \\['resnet'\\]"):
+        bench_jobs(None, 30, str(tmp_path / "runs"), ("default", "resnet"))
