@@ -78,7 +78,7 @@ images:
 ENSEMBLE ?= 1
 
 bench-propagate: $(STAMP)
-	$(VENV)/bin/endoflow propagate bench --out runs/bench/propagate.json --ensemble $(ENSEMBLE)
+	$(VENV)/bin/endoflow bench propagate --out runs/bench/propagate.json --ensemble $(ENSEMBLE)
 
 # --- sim→real adaptation ladder (source-only → FDA → learned CUT translator → IRB → + pseudo-labels → oracle), on the
 # embedded real-like simulator and, when present, on vocalfolds seq1-3 (unlabelled) → seq4 (~15-30 min each, 2 cores) ---

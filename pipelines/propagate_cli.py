@@ -423,32 +423,3 @@ def pseudo_label(
     except (DataError, FileNotFoundError, ValueError) as exc:
         _fail(exc)
     console.print(f"{summary['frames_written']} frames, {summary['pixels_kept']:.1%} of their pixels kept → {out}")
-
-
-@app.command()
-def bench(
-    out: Path = Path("runs/bench/propagate.json"),
-    model: Annotated[
-        Path | None,
-        typer.Option(
-            help="trained checkpoint .pt (default: runs/artifacts/propagate-bench.pt, trained first when missing: "
-            "about an hour on 2 cores)"
-        ),
-    ] = None,
-    real_data: Annotated[Path | None, typer.Option(help="vocalfolds root")] = Path("../shared/data/vocalfolds"),
-    ensemble: Annotated[
-        int,
-        typer.Option(
-            min=1, help="also score an ensemble of this many bench networks (seeds 0..N-1, each trained when missing)"
-        ),
-    ] = 1,
-) -> None:
-    """J&F on simulator sequences and vocalfolds, Dice and NSD on simulator CT volumes, frames/s at 256×256 for torch
-    and onnxruntime (2 threads)."""
-    from pipelines.bench_propagate import bench_propagate
-
-    try:
-        report = bench_propagate(out, model, real_data, ensemble=ensemble)
-    except ValueError as exc:  # ConfigError: its training run exists with another model; or an unscorable ensemble
-        _fail(exc)
-    console.print_json(json.dumps({k: v for k, v in report.items() if k != "real_sequences"}))

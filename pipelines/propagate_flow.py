@@ -15,7 +15,7 @@ from pathlib import Path
 
 import mlflow
 
-from pipelines.segment_flow import job_run, log_curves
+from pipelines.job_run import job_run, log_curves
 from serving.resolve import resolve_model
 from training import tracking
 from training.data.simulator import simulate_sequences

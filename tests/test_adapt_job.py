@@ -104,5 +104,5 @@ def test_defaults_are_valid_and_a_teacher_checkpoint_replaces_the_teacher_phase(
 
 
 def test_cli_reports_config_errors_with_exit_code_2():
-    result = CliRunner().invoke(app, ["adapt", "--set", "pseudo.start_epoch=0"])
+    result = CliRunner().invoke(app, ["adapt", "train", "--set", "pseudo.start_epoch=0"])
     assert result.exit_code == 2 and "teacher phase" in result.output
