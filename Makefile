@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench venv clean sysdeps
+.PHONY: demo test test-fast lint bench venv clean sysdeps
 
 # (Re)create the virtualenv only when the dependency pins change.
 $(STAMP): pyproject.toml requirements.lock
@@ -20,6 +20,10 @@ demo: $(STAMP)
 
 test: $(STAMP) sysdeps
 	$(PY) -m pytest -q --durations=15 tests
+
+# Everything but the tests marked slow (those that start Ray or train a model): the quick loop while editing.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q --durations=15 -m "not slow" tests
 
 # Debian packages some tests drive (headless Chromium for the web page). Installed when missing and we are root;
 # otherwise those tests skip and say why.
@@ -78,7 +82,7 @@ images:
 ENSEMBLE ?= 1
 
 bench-propagate: $(STAMP)
-	$(VENV)/bin/endoflow propagate bench --out runs/bench/propagate.json --ensemble $(ENSEMBLE)
+	$(VENV)/bin/endoflow bench propagate --out runs/bench/propagate.json --ensemble $(ENSEMBLE)
 
 # --- sim→real adaptation ladder (source-only → FDA → learned CUT translator → IRB → + pseudo-labels → oracle), on the
 # embedded real-like simulator and, when present, on vocalfolds seq1-3 (unlabelled) → seq4 (~15-30 min each, 2 cores) ---

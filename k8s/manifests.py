@@ -290,12 +290,18 @@ def check_jobs(docs: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
         if argv[0] != "endoflow":
             problems.append(f"{label(doc)}: entrypoint {argv[0]!r} is not the endoflow CLI")
             continue
-        command = cli.commands.get(argv[1]) if len(argv) > 1 else None
-        if command is None:
-            notes.append(f"{label(doc)}: `endoflow {argv[1]}` is not implemented yet; entrypoint kept as planned")
+        # A noun then a verb (`endoflow segment train`): walk the groups down to the command.
+        command, depth = cli, 1
+        while hasattr(command, "commands") and len(argv) > depth and argv[depth] in command.commands:
+            command, depth = command.commands[argv[depth]], depth + 1
+        name = " ".join(argv[1:depth])
+        if command is cli or hasattr(command, "commands"):
+            notes.append(
+                f"{label(doc)}: `endoflow {' '.join(argv[1:])}` is not implemented yet; entrypoint kept as planned"
+            )
             continue
         try:
-            params = command.make_context(argv[1], argv[2:], resilient_parsing=False).params
+            params = command.make_context(name, argv[depth:], resilient_parsing=False).params
         except Exception as err:  # typer ships its own click: its usage errors have format_message()
             message = err.format_message() if hasattr(err, "format_message") else str(err)
             problems.append(f"{label(doc)}: `{' '.join(argv)}`: {message}")
@@ -307,7 +313,7 @@ def check_jobs(docs: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
         if text is None:
             problems.append(f"{label(doc)}: {config_path} is not in a ConfigMap mounted on its cluster's head")
             continue
-        error = load_job_config(argv[1], text, params.get("set_") or [])
+        error = load_job_config(name, text, params.get("set_") or [])
         if error:
             problems.append(f"{label(doc)}: {config_path}: {error}")
         register = params.get("register")
@@ -339,7 +345,10 @@ def config_text(job: dict[str, Any], path: Path, clusters: dict, config_maps: di
 def load_job_config(command: str, text: str, overrides: list[str]) -> str | None:
     from training.config import ConfigError, load_config
 
-    config_classes = {"train": "training.segment.config:SegmentJobConfig"}
+    config_classes = {
+        "segment train": "training.segment.config:SegmentJobConfig",
+        "adapt train": "training.adapt.config:AdaptJobConfig",
+    }
     if command not in config_classes:
         return None
     module_name, _, class_name = config_classes[command].partition(":")

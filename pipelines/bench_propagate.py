@@ -34,25 +34,19 @@ import torch
 
 from pipelines import segment_flow
 from pipelines.local_ray import local_ray
-from pipelines.propagate_flow import (
-    evaluate_sequences,
-    evaluate_volumes,
-    last_weights_path,
-    named_sequences,
-    sequence_parity,
-    train_and_export,
-)
+from pipelines.propagate_flow import train_and_export
 from training.config import load_config, load_recipe
 from training.data.simulator import simulate_sequences
 from training.data.sources import DataSpec
 from training.data.volumes import simulate_volume
 from training.models.propagation.network import count_parameters
-from training.propagate import train as propagate_train
 from training.propagate.config import PropagateJobConfig
 from training.propagate.export import OnnxBackend, export_propagation
 from training.propagate.inference import MemoryPolicy, TorchBackend, propagate
 from training.propagate.key_frame_tuning import KeyFrameTuner, KeyFrameTuning
+from training.propagate.models import last_weights_path, load_model
 from training.propagate.pseudo_labels import OnnxReferenceSegmenter
+from training.propagate.scoring import evaluate_sequences, evaluate_volumes, named_sequences, sequence_parity
 from training.segment.config import SegmentJobConfig
 
 BENCH_RECIPE = "propagate-bench.yaml"  # configs/: the bench network's training
@@ -162,7 +156,7 @@ def jf_summary(backend, sequences: dict, policy: MemoryPolicy, trained_on: list[
 
 def torch_backend(model_path: Path, top_k: int | None):
     state = torch.load(model_path, map_location="cpu", weights_only=False)
-    return TorchBackend(propagate_train.load_model(state), top_k)
+    return TorchBackend(load_model(state), top_k)
 
 
 def without_average(model_path: Path, sequences: dict, policy: MemoryPolicy, trained_on: list[str]) -> dict:
@@ -191,7 +185,7 @@ def ensemble_fps(model_paths: list[Path], directory: Path, frames, labels, polic
     for index, path in enumerate(model_paths):
         state = torch.load(path, map_location="cpu", weights_only=False)
         size = int(state["config"]["data"]["size"])
-        graphs = export_propagation(propagate_train.load_model(state), directory, f"member{index}", size, policy)
+        graphs = export_propagation(load_model(state), directory, f"member{index}", size, policy)
         members.append(OnnxBackend(graphs, threads=threads))
     return stream_fps(members, frames, labels, policy)
 
@@ -259,7 +253,7 @@ def bench_propagate(
     else:
         members = [Path(model_path), *members]
     state = torch.load(model_path, map_location="cpu", weights_only=False)
-    model = propagate_train.load_model(state)
+    model = load_model(state)
     trained_on = (state["config"]["data"].get("real") or {}).get("sequences") or []
     policy = MemoryPolicy()
     flipped = policy.model_copy(update={"flip_average": True})  # the offline option, beside the default stream

@@ -1,8 +1,19 @@
-"""The `endoflow` command line: thin wrappers that load a typed config and call a pipeline."""
+"""The `endoflow` command line: thin wrappers that load a typed config and call a pipeline.
+
+One verb scheme, a noun then a verb: `segment train`, `adapt train`, `style train|apply`,
+`propagate train|run|evaluate|pseudo-label|simulate-ct`, `bench segment|adapt|serve|propagate`; plus `serve`, `sweep`,
+`demo` and `evaluate`. The older spellings (`train`, `adapt -c ...`, `propagate bench`) still work, hidden from
+--help, and say on stderr what to type instead.
+"""
 
 from __future__ import annotations
 
+import copy
+import functools
+import inspect
 import tempfile
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -13,6 +24,8 @@ from pipelines.propagate_cli import app as propagate_app
 from pipelines.style_cli import app as style_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="EndoFlow: sim-to-real endoscopy segmentation.")
+segment_app = typer.Typer(no_args_is_help=True, help="The segmentation job (sim source, optional FDA).")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that write JSON reports.")
 console = Console()
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")]
@@ -45,8 +58,8 @@ def demo(
     run_demo(cfg, console)
 
 
-@app.command()
-def train(
+@segment_app.command("train")
+def segment_train_command(
     config: ConfigOption = None,
     set_: SetOption = None,
     eval_data: EvalDataOption = None,
@@ -57,16 +70,14 @@ def train(
     gpus_per_worker: GpusOption = None,
 ) -> None:
     """Train the segmentation job (resumes a stopped run of the same name), export ONNX, optionally register."""
-    from training.segment import train as segment_train
+    from pipelines import segment_flow
     from training.segment.config import SegmentJobConfig
 
-    _train_export(
-        SegmentJobConfig, segment_train.run, config, set_, eval_data, register, address, fresh, workers, gpus_per_worker
-    )
+    flow = segment_flow.train_and_export
+    _train_export(SegmentJobConfig, flow, config, set_, eval_data, register, address, fresh, workers, gpus_per_worker)
 
 
-@app.command()
-def adapt(
+def adapt_train_command(
     config: ConfigOption = None,
     set_: SetOption = None,
     eval_data: EvalDataOption = None,
@@ -80,14 +91,13 @@ def adapt(
     ] = None,
 ) -> None:
     """Train the adaptation job (style + IRB + pseudo-labels [+ adversarial]), export ONNX, optionally register."""
-    from training.adapt import train as adapt_train
+    from pipelines import adapt_flow
     from training.adapt.config import AdaptJobConfig, extra_labelled_override
 
     if extra_labelled:
         set_ = (set_ or []) + [extra_labelled_override(extra_labelled)]
-    _train_export(
-        AdaptJobConfig, adapt_train.run, config, set_, eval_data, register, address, fresh, workers, gpus_per_worker
-    )
+    flow = adapt_flow.train_and_export
+    _train_export(AdaptJobConfig, flow, config, set_, eval_data, register, address, fresh, workers, gpus_per_worker)
 
 
 @app.command()
@@ -207,7 +217,7 @@ def serve(
             console.print("stopping")
 
 
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that write JSON reports.")
+app.add_typer(segment_app, name="segment")
 app.add_typer(bench_app, name="bench")
 app.add_typer(propagate_app, name="propagate")
 app.add_typer(style_app, name="style")
@@ -277,10 +287,42 @@ def bench_adapt(
     console.print_json(json.dumps(report["summary"]))
 
 
-def _train_export(cls, runner, config, set_, eval_data, register, address, fresh, workers, gpus_per_worker) -> None:
-    """What `train` and `adapt` share: config + overrides, a Ray Train run, scoring, ONNX export, registry."""
+@bench_app.command("propagate")
+def bench_propagate_command(
+    out: Path = Path("runs/bench/propagate.json"),
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            help="trained checkpoint .pt (default: runs/artifacts/propagate-bench.pt, trained first when missing: "
+            "about an hour on 2 cores)"
+        ),
+    ] = None,
+    real_data: Annotated[Path | None, typer.Option(help="vocalfolds root")] = Path("../shared/data/vocalfolds"),
+    ensemble: Annotated[
+        int,
+        typer.Option(
+            min=1, help="also score an ensemble of this many bench networks (seeds 0..N-1, each trained when missing)"
+        ),
+    ] = 1,
+) -> None:
+    """J&F on simulator sequences and vocalfolds, Dice and NSD on simulator CT volumes, frames/s at 256×256 for torch
+    and onnxruntime (2 threads)."""
+    import json
+
+    from pipelines.bench_propagate import bench_propagate
+
+    try:
+        report = bench_propagate(out, model, real_data, ensemble=ensemble)
+    except ValueError as exc:  # ConfigError: its training run exists with another model; or an unscorable ensemble
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    console.print_json(json.dumps({k: v for k, v in report.items() if k != "real_sequences"}))
+
+
+def _train_export(cls, train_and_export, config, set_, eval_data, register, address, fresh, workers, gpus_per_worker):
+    """What `segment train` and `adapt train` share: config + overrides, the job's flow (Ray Train run, scoring, ONNX
+    export, registry) on a local or given Ray cluster, the artifacts copied to an s3:// runs_dir."""
     from pipelines.local_ray import local_ray
-    from pipelines.segment_flow import train_and_export
     from training.config import ConfigError, load_config
     from training.data import storage
     from training.data.sources import DataSpec
@@ -298,7 +340,7 @@ def _train_export(cls, runner, config, set_, eval_data, register, address, fresh
         # ONNX export and overlays need a local folder; an s3:// runs_dir gets a copy of it afterwards.
         out_dir = Path(scratch) if storage.is_s3(artifacts_uri) else Path(artifacts_uri)
         try:
-            result = train_and_export(cfg, eval_spec, out_dir, register_as, fresh=fresh, runner=runner)
+            result = train_and_export(cfg, eval_spec, out_dir, register_as, fresh=fresh)
         except ConfigError as exc:  # e.g. a run of this name exists with another model
             console.print(f"[red]config error:[/red] {exc}")
             raise typer.Exit(2) from exc
@@ -322,6 +364,53 @@ def _load(cls, path, overrides, load_config):
     except ConfigError as exc:
         console.print(f"[red]config error:[/red] {exc}")
         raise typer.Exit(2) from exc
+
+
+# --- the older spellings, kept as hidden aliases --------------------------------------------------------------------
+
+
+def _deprecated(old: str, new: str, command: Callable[..., None]) -> Callable[..., None]:
+    """`command` under its old name: the same options, and a one-line notice on stderr (stdout stays the report)."""
+
+    @functools.wraps(command)
+    def alias(*args, **kwargs) -> None:
+        typer.echo(f"`endoflow {old}` is deprecated: use `endoflow {new}`", err=True)
+        command(*args, **kwargs)
+
+    return alias
+
+
+def _with_hidden_options(command: Callable[..., None]) -> inspect.Signature:
+    """`command`'s signature with a `ctx` first and every option hidden from --help, for a group callback that
+    still accepts the options of its old single command."""
+    hints = typing.get_type_hints(command, include_extras=True)
+    parameters = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
+    for name, parameter in inspect.signature(command).parameters.items():
+        annotation = hints[name]
+        if typing.get_origin(annotation) is Annotated:
+            base, *extras = typing.get_args(annotation)
+            extras = [copy.copy(extra) for extra in extras]
+            for extra in extras:
+                if isinstance(extra, typer.models.OptionInfo):
+                    extra.hidden = True
+            annotation = Annotated[(base, *extras)]
+        parameters.append(parameter.replace(annotation=annotation))
+    return inspect.Signature(parameters, return_annotation=None)
+
+
+def _adapt_group(ctx: typer.Context, **options) -> None:
+    """The adaptation job (style + IRB + pseudo-labels [+ adversarial]): `endoflow adapt train`."""
+    if ctx.invoked_subcommand is None:  # `endoflow adapt -c ...`, the old single command
+        _deprecated("adapt", "adapt train", adapt_train_command)(**options)
+
+
+_adapt_group.__signature__ = _with_hidden_options(adapt_train_command)
+adapt_app = typer.Typer(no_args_is_help=True)
+adapt_app.callback(invoke_without_command=True)(_adapt_group)
+adapt_app.command("train")(adapt_train_command)
+app.add_typer(adapt_app, name="adapt")
+app.command("train", hidden=True)(_deprecated("train", "segment train", segment_train_command))
+propagate_app.command("bench", hidden=True)(_deprecated("propagate bench", "bench propagate", bench_propagate_command))
 
 
 if __name__ == "__main__":

@@ -304,7 +304,7 @@ def run_job(entrypoint: str, nodes: list[NodeSpec] | None = None, extra_env: dic
 
 def train_entrypoint(runs_dir: str, overrides: list[str]) -> str:
     sets = [f"runs_dir={runs_dir}", *QUICK_JOB, *overrides]
-    words = ["python", "-m", "pipelines.cli", "train", "-c", f"{K8S_CONFIG}/job.yaml"]
+    words = ["python", "-m", "pipelines.cli", "segment", "train", "-c", f"{K8S_CONFIG}/job.yaml"]
     words += [part for value in sets for part in ("--set", value)]
     return shlex.join([*words, "--register", "endoflow-segmenter@champion"])
 

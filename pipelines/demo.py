@@ -22,7 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from pipelines.local_ray import local_ray
-from pipelines.segment_flow import VariantResult, train_and_export
+from pipelines.segment_flow import train_and_export
+from pipelines.segmenter_release import VariantResult
 from training.config import StrictModel
 from training.data.classes import CLASS_NAMES
 from training.data.sources import DataSpec, load_data

@@ -129,6 +129,16 @@ def _guide_segmenter(segmenter: str | None, guide_weight: float, tracking_uri: s
     return reference_segmenter(segmenter, _tracking(tracking_uri), threads) if segmenter else None
 
 
+def _backends(models: list[str], policy, size: int | None, threads: int | None, tracking_uri: str | None):
+    """The backend (or ensemble) of the --model options and the frame side to run at; each --model is looked up
+    here (a path, graphs, or a models:/ ref in the registry), then loaded by training.propagate.models."""
+    from pipelines.propagate_flow import locate_model
+    from training.propagate.models import load_backends
+
+    located = {model: locate_model(model, _tracking(tracking_uri)) for model in models}
+    return load_backends(located, policy, size, threads)
+
+
 def _tracking(tracking_uri: str | None) -> str:
     from training.tracking import default_tracking_uri
 
@@ -232,8 +242,10 @@ def evaluate(
 ) -> None:
     """Per sequence: the first labelled frame given, the rest propagated; J, F, J&F and the copy-first baseline.
     Per CT volume (--layout flare22): the middle labelled slice given; Dice and NSD per organ, and copying it."""
-    from pipelines.propagate_flow import evaluate_sequences, load_backends, named_sequences, with_key_frame_tuning
     from training.data.folders import DataError
+    from training.propagate.ct_volumes import labelled_cases, read_cases
+    from training.propagate.models import with_key_frame_tuning
+    from training.propagate.scoring import evaluate_sequences, evaluate_volumes, named_sequences
 
     if layout not in ("vocalfolds", "folder", "flare22"):
         _fail(ValueError(f"--layout {layout!r}: expected vocalfolds, folder or flare22"))
@@ -246,9 +258,11 @@ def evaluate(
     tuning, report = _tuning(tune_steps, tune_lr)
     pictures = pictures or out.with_name(f"{out.stem}_pictures")
     try:
-        backend, size = load_backends(model, policy, size, threads, _tracking(tracking_uri))
+        backend, size = _backends(model, policy, size, threads, tracking_uri)
         if volumes:
-            report = _evaluate_volumes(backend, data, sequences, policy, size, pictures)
+            cases = labelled_cases(data, sequences)
+            console.print(f"{len(cases)} volume(s) from {data}")
+            report = evaluate_volumes(backend, read_cases(cases), policy, size, pictures)
         else:
             backend = with_key_frame_tuning(backend, tuning, report)
             reference = _guide_segmenter(segmenter, guide_weight, tracking_uri, threads)
@@ -284,24 +298,6 @@ def evaluate(
     mean, base = report["mean"], report["copy_first_mean"]
     console.print(f"mean J&F {mean['J&F']:.4f} J {mean['J']:.4f} F {mean['F']:.4f} (copy-first J&F {base['J&F']:.4f})")
     console.print(f"report: {out}; pictures: {pictures}")
-
-
-def _evaluate_volumes(backend, root: Path, cases: list[str] | None, policy, size: int, pictures: Path) -> dict:
-    """The labelled cases of a FLARE22-layout root (all, or those --sequence names), scored by evaluate_volumes."""
-    from pipelines.propagate_flow import evaluate_volumes
-    from training.data.folders import DataError
-    from training.data.volumes import case_index, read_case
-
-    index = case_index(root)
-    unknown = sorted(set(cases or []) - {name for name, _, _ in index})
-    if unknown:
-        raise DataError(f"{root}: no case(s) {unknown} in imagesTr/; it has {[name for name, _, _ in index]}")
-    chosen = [(name, image, label) for name, image, label in index if not cases or name in cases]
-    missing = [name for name, _, label in chosen if label is None]
-    if missing:
-        raise DataError(f"{root}: case(s) {missing} have no labelsTr/<case>.nii.gz to score against")
-    console.print(f"{len(chosen)} volume(s) from {root}")
-    return evaluate_volumes(backend, (read_case(image, label) for _, image, label in chosen), policy, size, pictures)
 
 
 def _print_volume_scores(report: dict) -> None:
@@ -347,8 +343,10 @@ def run(
 ) -> None:
     """Propagate: video frames + a key-frame mask → a label PNG per frame (forward, or both ways from a middle key
     frame); a CT volume + annotated key slices → a NIfTI label volume (both directions through the slices)."""
-    from pipelines.propagate_flow import load_backends, with_key_frame_tuning
     from training.data.folders import DataError
+    from training.propagate.ct_volumes import propagate_nifti
+    from training.propagate.frame_folder import propagate_frame_folder
+    from training.propagate.models import with_key_frame_tuning
 
     volume = input.name.endswith((".nii", ".nii.gz"))
     if min_area is None:
@@ -356,74 +354,18 @@ def run(
     policy = _policy(mem_every, max_memory, previous_frame, top_k, flip_average, min_area)
     tuning, report = _tuning(tune_steps, tune_lr)
     try:
-        backend, size = load_backends(model, policy, size, None, _tracking(tracking_uri))
+        backend, size = _backends(model, policy, size, None, tracking_uri)
         backend = with_key_frame_tuning(backend, tuning, report)
         if volume:
             if guide_weight > 0:
                 raise ValueError("--guide-weight applies to video frames; CT volumes propagate from their key slices")
-            written = _run_volume(backend, input, labels, key_slices, out, policy, size)
+            written = propagate_nifti(backend, input, labels, key_slices, out, policy, size)
         else:
             labeller = _guide_segmenter(segmenter, guide_weight, tracking_uri)
-            written = _run_video(backend, input, mask, labeller, key_index, out, policy, size, guide_weight)
+            written = propagate_frame_folder(backend, input, mask, labeller, key_index, out, policy, size, guide_weight)
     except (DataError, FileNotFoundError, ValueError) as exc:
         _fail(exc)
     console.print(f"wrote {written}")
-
-
-def _run_video(backend, folder, mask, segmenter, key_index, out, policy, size, guide_weight: float = 0.0) -> str:
-    """segmenter: None, or a callable frames → probabilities (OnnxReferenceSegmenter) labelling the key frame when
-    there is no mask, and guiding every frame when guide_weight > 0."""
-    import numpy as np
-
-    from training.data import storage
-    from training.data.folders import IMAGE_SUFFIXES, _png, load_image, load_mask
-    from training.propagate.inference import SegmenterGuide, propagate_both_ways, resize_frames, resize_labels
-
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
-    if not files:
-        raise FileNotFoundError(f"{folder}: no frames; expected a folder of .png/.jpg frames in time order")
-    originals = [load_image(str(p)) for p in files]
-    height, width = originals[0].shape[:2]
-    frames = resize_frames(np.stack([np.asarray(_resize_rgb(f, width, height)) for f in originals]), size)
-    key_index = len(frames) // 2 if key_index < 0 else key_index
-    if mask is not None:
-        key_labels = resize_labels(load_mask(str(mask))[None], size, size)[0]
-    elif segmenter is not None:
-        key_labels = segmenter(frames[key_index : key_index + 1])[0].argmax(0).astype(np.uint8)
-    else:
-        raise ValueError("give the key frame's labels: --mask PNG or --segmenter ONNX")
-    guide = SegmenterGuide(segmenter(frames), guide_weight) if segmenter is not None and guide_weight > 0 else None
-    labels, _ = propagate_both_ways(backend, frames, key_labels, key_index, policy, guide)
-    labels = resize_labels(labels, height, width)
-    for path, label in zip(files, labels, strict=True):
-        storage.write_bytes(str(out / f"{path.stem}.png"), _png(label))
-    return f"{len(files)} label maps to {out} (key frame {files[key_index].name})"
-
-
-def _resize_rgb(frame, width: int, height: int):
-    from PIL import Image
-
-    return frame if frame.shape[:2] == (height, width) else Image.fromarray(frame).resize((width, height))
-
-
-def _run_volume(backend, image_path, labels_path, key_slices, out, policy, size) -> str:
-    from pipelines.propagate_flow import middle_key_slice, score_volume
-    from training.data.volumes import read_case, write_nifti
-    from training.propagate.inference import propagate_volume
-
-    if labels_path is None:
-        raise ValueError("a volume needs --labels: a NIfTI holding the annotated key slices")
-    volume = read_case(image_path, labels_path)
-    annotated = [z for z in range(volume.hu.shape[2]) if volume.labels[:, :, z].any()]
-    keys = [int(z) for z in key_slices.split(",")] if key_slices else [middle_key_slice(volume.labels, labels_path)]
-    predicted = propagate_volume(backend, volume.hu, {z: volume.labels[:, :, z] for z in keys}, policy, size)
-    path = write_nifti(out / f"{volume.name}.nii.gz", predicted, volume.spacing)
-    scores = {}
-    if len(annotated) > len(keys):  # a fully labelled volume: score every organ, beside copying the key slice
-        scores = score_volume(volume.labels, predicted, keys, volume.spacing)
-        (out / f"{volume.name}_scores.json").write_text(json.dumps({"key_slices": keys, "organs": scores}, indent=2))
-    shown = " ".join(f"{k}:{v['dice']:.3f}" for k, v in scores.items())
-    return f"{path} (key slices {keys}){' Dice ' + shown if scores else ''}"
 
 
 @app.command("simulate-ct")
@@ -462,73 +404,22 @@ def pseudo_label(
     tracking_uri: TrackingOption = None,
 ) -> None:
     """The segmenter labels key frames, propagation fills the rest, agreeing pixels are kept (others: keep/ = 0)."""
-    from pipelines.propagate_flow import load_backends, reference_segmenter, with_key_frame_tuning
-    from training.data.folders import DataError, folder_index, vocalfolds_index
-    from training.data.sources import DataSpec
-    from training.propagate.pseudo_labels import (
-        PseudoLabelConfig,
-        pseudo_label_sequence,
-        truth_check,
-        write_pseudo_dataset,
-    )
-    from training.propagate.sequences import labelled_sequences, sequence_names, unlabelled_sequences
+    from pipelines.propagate_flow import reference_segmenter
+    from training.data.folders import DataError
+    from training.propagate.models import with_key_frame_tuning
+    from training.propagate.pseudo_labels import PseudoLabelConfig, pseudo_label_dataset
 
     cfg = PseudoLabelConfig(threshold=threshold, key_every=key_every, min_kept=min_kept)
     memory = cfg.memory.model_copy(update={"flip_average": flip_average, "min_area": min_area})
     cfg = cfg.model_copy(update={"memory": memory})
     tuning, report = _tuning(tune_steps, tune_lr)
     try:
-        backend, size = load_backends(model, cfg.memory, size, None, _tracking(tracking_uri))
+        backend, size = _backends(model, cfg.memory, size, None, tracking_uri)
         backend = with_key_frame_tuning(backend, tuning, report)
         reference = reference_segmenter(segmenter, _tracking(tracking_uri))
-        index = (
-            vocalfolds_index(str(data), sequences=sequences, labelled=False)
-            if layout == "vocalfolds"
-            else folder_index(str(data))
+        summary = pseudo_label_dataset(
+            backend, reference, data, out, cfg, layout, sequences, size, check_truth, progress=console.print
         )
-        truths = {}
-        if layout == "vocalfolds" and check_truth:  # labelled: measure what the threshold keeps
-            spec = DataSpec(kind="vocalfolds", uri=str(data), sequences=sequences, size=size)
-            truths = dict(zip(sequence_names(spec), (m for _, m in labelled_sequences(spec)), strict=True))
-        results, checks = {}, {}
-        for name, frames, frame_names in unlabelled_sequences(index, size):
-            results[name] = (frames, frame_names, pseudo_label_sequence(backend, frames, reference(frames), cfg))
-            if name in truths:
-                checks[name] = truth_check(truths[name], results[name][2])
-            console.print(f"{name}: {len(frames)} frames {checks.get(name, '')}")
-        summary = write_pseudo_dataset(str(out), results, cfg)
     except (DataError, FileNotFoundError, ValueError) as exc:
         _fail(exc)
-    if checks:
-        summary["truth_check"] = checks
-        (out / "pseudo_labels.json").write_text(json.dumps(summary, indent=2))
     console.print(f"{summary['frames_written']} frames, {summary['pixels_kept']:.1%} of their pixels kept → {out}")
-
-
-@app.command()
-def bench(
-    out: Path = Path("runs/bench/propagate.json"),
-    model: Annotated[
-        Path | None,
-        typer.Option(
-            help="trained checkpoint .pt (default: runs/artifacts/propagate-bench.pt, trained first when missing: "
-            "about an hour on 2 cores)"
-        ),
-    ] = None,
-    real_data: Annotated[Path | None, typer.Option(help="vocalfolds root")] = Path("../shared/data/vocalfolds"),
-    ensemble: Annotated[
-        int,
-        typer.Option(
-            min=1, help="also score an ensemble of this many bench networks (seeds 0..N-1, each trained when missing)"
-        ),
-    ] = 1,
-) -> None:
-    """J&F on simulator sequences and vocalfolds, Dice and NSD on simulator CT volumes, frames/s at 256×256 for torch
-    and onnxruntime (2 threads)."""
-    from pipelines.bench_propagate import bench_propagate
-
-    try:
-        report = bench_propagate(out, model, real_data, ensemble=ensemble)
-    except ValueError as exc:  # ConfigError: its training run exists with another model; or an unscorable ensemble
-        _fail(exc)
-    console.print_json(json.dumps({k: v for k, v in report.items() if k != "real_sequences"}))

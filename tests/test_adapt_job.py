@@ -9,6 +9,7 @@ from pipelines.cli import app
 from training.adapt import train as adapt_train
 from training.adapt.config import AdaptJobConfig
 from training.config import ConfigError, load_config
+from training.loop import checkpoint_state_file
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +52,7 @@ def test_tiny_adaptation_run_resumes_and_keeps_its_teacher(ray_session, tmp_path
     assert first.model.cfg.dropout > 0  # switched on for MC-dropout
 
     # The run's directory is a valid teacher_checkpoint, and its checkpoint carries the teacher and discriminator.
-    state = torch.load(adapt_train.teacher_state_file(str(tmp_path / "ray" / "adapt-smoke")), weights_only=False)
+    state = torch.load(checkpoint_state_file(str(tmp_path / "ray" / "adapt-smoke")), weights_only=False)
     assert state["epoch"] == 1 and {"teacher", "discriminator", "discriminator_optimizer"} <= state.keys()
 
     # Same name and storage, one more epoch: it continues after epoch 2 instead of starting over.
@@ -103,5 +104,5 @@ def test_defaults_are_valid_and_a_teacher_checkpoint_replaces_the_teacher_phase(
 
 
 def test_cli_reports_config_errors_with_exit_code_2():
-    result = CliRunner().invoke(app, ["adapt", "--set", "pseudo.start_epoch=0"])
+    result = CliRunner().invoke(app, ["adapt", "train", "--set", "pseudo.start_epoch=0"])
     assert result.exit_code == 2 and "teacher phase" in result.output

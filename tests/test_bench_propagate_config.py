@@ -20,11 +20,11 @@ from pipelines.bench_propagate import (
     memory_sweep,
     trained_members,
 )
-from pipelines.propagate_flow import save_model
 from training.config import load_config
 from training.models.propagation.network import PropagationNet
 from training.propagate.config import PropagateJobConfig
 from training.propagate.inference import TorchBackend
+from training.propagate.models import save_model
 
 
 def test_seq4_is_held_out_of_both_trained_models(tmp_path):

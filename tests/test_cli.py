@@ -1,3 +1,5 @@
+import pytest
+import typer
 from typer.testing import CliRunner
 
 from pipelines.cli import app
@@ -8,9 +10,30 @@ runner = CliRunner()
 
 
 def test_bad_override_is_a_clear_config_error():
-    result = runner.invoke(app, ["train", "--set", "compute.epochs=-1"])
+    result = runner.invoke(app, ["segment", "train", "--set", "compute.epochs=-1"])
     assert result.exit_code == 2
     assert "compute.epochs" in result.output
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (["train", "--set", "compute.epochs=-1"], "segment train"),
+        (["adapt", "--set", "compute.epochs=-1"], "adapt train"),
+    ],
+)
+def test_old_spellings_still_run_and_name_the_new_one_on_stderr(old, new):
+    result = runner.invoke(app, old)
+    assert result.exit_code == 2
+    assert "compute.epochs" in result.output  # the command itself ran: the config was loaded and refused
+    assert f"use `endoflow {new}`" in result.stderr
+    assert "deprecated" not in result.stdout
+
+
+def test_old_spellings_are_hidden_from_help():
+    cli = typer.main.get_command(app)
+    assert cli.commands["train"].hidden and cli.commands["propagate"].commands["bench"].hidden
+    assert not cli.commands["bench"].commands["propagate"].hidden
 
 
 def test_missing_config_file_names_it(tmp_path):

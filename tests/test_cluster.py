@@ -25,7 +25,7 @@ def parse(entrypoint: str) -> tuple[list[str], str, list[str]]:
 
 def test_train_entrypoint_is_the_k8s_job_shrunk(tmp_path) -> None:
     words, config, sets = parse(cluster.train_entrypoint(str(tmp_path), ["compute.epochs=1"]))
-    assert words[:4] == ["python", "-m", "pipelines.cli", "train"]
+    assert words[:5] == ["python", "-m", "pipelines.cli", "segment", "train"]
     assert config == "k8s/base/config/job.yaml"  # relative: resolved in the uploaded working dir
     job = load_config(SegmentJobConfig, cluster.ROOT / config, sets)
     assert job.runs_dir == str(tmp_path)

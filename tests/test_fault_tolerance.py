@@ -1,7 +1,7 @@
 """A node dies mid-training: Ray Train restarts the workers from the last checkpoint and the job still finishes.
 
 A private 2-node cluster (pipelines/cluster.py: `ray start` processes, not this process's Ray, so it runs beside
-the session's `ray_session`) gets `endoflow train` through the Jobs API. Each node has one CPU, so the two Train
+the session's `ray_session`) gets `endoflow segment train` through the Jobs API. Each node has one CPU, so the two Train
 workers sit on different nodes. Once the first checkpoint lands, the worker node is SIGKILLed (its raylet and
 its Train worker: a lost machine) and a replacement node joins, as KubeRay would start a new pod.
 """
@@ -53,7 +53,7 @@ def test_training_survives_a_lost_node(tmp_path: Path) -> None:
     with cluster:
         client = jobs_client(cluster.dashboard_url, cluster.token)
         job_id = client.submit_job(
-            entrypoint=f"python -m pipelines.cli train -c {config}",
+            entrypoint=f"python -m pipelines.cli segment train -c {config}",
             runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{runs}/mlflow.db"}},
         )
         deadline = time.monotonic() + 240

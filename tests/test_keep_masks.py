@@ -17,6 +17,7 @@ from training.data.classes import IGNORE_INDEX, NUM_CLASSES
 from training.data.folders import DataError, folder_index, load_frames, write_folder_dataset
 from training.data.simulator import simulate_frames
 from training.data.sources import DataSpec, load_data
+from training.losses import masked_cross_entropy
 from training.metrics import SegmentationScores
 from training.models.unet import Segmenter, UNetConfig
 from training.propagate.losses import clip_loss
@@ -24,7 +25,7 @@ from training.propagate.pseudo_labels import PseudoLabelConfig, SequencePseudoLa
 from training.propagate.sequences import labelled_sequences
 from training.segment.config import AugmentConfig
 from training.segment.predict import predict_labels, score
-from training.segment.train import augment, masked_cross_entropy
+from training.segment.train import augment
 
 SIZE = 32
 

@@ -8,9 +8,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # starts Ray twice
 def test_second_local_ray_in_one_process_starts() -> None:
     script = textwrap.dedent(
         """

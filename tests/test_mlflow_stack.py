@@ -1,6 +1,6 @@
 """MLflow with PostgreSQL and S3 (pipelines/mlflow_stack.py), and s3:// end to end against it.
 
-One `endoflow train` (in a subprocess with its own private Ray, so its workers get the S3 settings in their
+One `endoflow segment train` (in a subprocess with its own private Ray, so its workers get the S3 settings in their
 environment) reads its dataset from s3://, checkpoints through Ray Train to s3://, logs to the tracking server
 (PostgreSQL) and registers the ONNX model, whose artifact lands in the S3 artifact bucket. Serving then resolves
 models:/name@alias with only MLFLOW_TRACKING_URI: the server proxies the artifact, no S3 keys needed.
@@ -61,7 +61,17 @@ def test_s3_training_registration_and_serving_resolution(stack: MlflowStack, tmp
     config.write_text(yaml.safe_dump(job))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | stack.env()
     result = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "train", "-c", str(config), "--register", f"{MODEL}@champion"],
+        [
+            sys.executable,
+            "-m",
+            "pipelines.cli",
+            "segment",
+            "train",
+            "-c",
+            str(config),
+            "--register",
+            f"{MODEL}@champion",
+        ],
         cwd=tmp_path,
         env=env,
         capture_output=True,

@@ -14,7 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from pipelines.propagate_flow import last_weights_path, load_backend, sequence_parity, train_and_export
+from pipelines.propagate_flow import train_and_export
 from training.config import load_config
 from training.data.folders import folder_index, load_frames, write_folder_dataset
 from training.data.simulator import simulate_sequences
@@ -24,7 +24,9 @@ from training.propagate import train as propagate_train
 from training.propagate.config import PropagateJobConfig
 from training.propagate.export import GRAPHS, graph_metadata
 from training.propagate.inference import MemoryPolicy
+from training.propagate.models import last_weights_path, load_backend, load_model
 from training.propagate.pseudo_labels import PseudoLabelConfig, pseudo_label_sequence, write_pseudo_dataset
+from training.propagate.scoring import sequence_parity
 
 pytestmark = pytest.mark.slow
 
@@ -93,7 +95,7 @@ def test_resume_export_and_sequence_parity(trained):
     # A longer sequence at another size, with a memory that fills and rolls over. This barely trained model's
     # object probabilities often tie exactly, so its argmax (hence J&F) may flip on rounding: compare probabilities.
     frames, truth = simulate_sequences(1, 16, seed=5, style="real-like", size=96)
-    model = propagate_train.load_model(state)
+    model = load_model(state)
     parity = sequence_parity(model, result.graphs, frames[0], truth[0], MemoryPolicy(mem_every=2, max_memory=3))
     assert parity["confidence_max_abs_diff"] <= 1e-4
     # MLflow keeps the pictures: the curves of the run and the scored sequence with its truth and propagation

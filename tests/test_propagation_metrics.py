@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from pipelines.propagate_flow import middle_key_slice, score_volume
 from training.data.folders import DataError
+from training.propagate.scoring import middle_key_slice, score_volume
 from training.propagation_metrics import (
     boundary,
     boundary_f,

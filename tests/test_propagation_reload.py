@@ -14,8 +14,7 @@ import httpx
 import numpy as np
 import onnx
 import pytest
-from test_propagation_serving import b64, clip, graphs_dir, png_array, retrained  # noqa: F401 - graphs_dir: fixture
-from test_serving import save_model, serving, to_bytes
+from conftest import b64, clip, png_array, retrained, save_model, serving, to_bytes
 
 from serving.propagation import OnnxPropagator, Stream
 from serving.propagation_graphs import GRAPHS

@@ -5,7 +5,6 @@ training/propagate/export.py (torch only in this test). The hot reload of moved 
 from __future__ import annotations
 
 import base64
-import io
 import json
 import re
 import shutil
@@ -16,72 +15,14 @@ import httpx
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
-from PIL import Image
-from test_serving import save_model, serving, to_bytes
+from conftest import CLIP_SIZE as SIZE
+from conftest import b64, clip, png_array, retrained, save_model, serving, to_bytes
+from onnx import helper
 
 from serving.errors import RequestError
 from serving.propagation import OnnxPropagator, Stream
 from serving.propagation_graphs import GRAPHS, resolve_graphs
 from serving.sessions import SessionStore
-
-SIZE = 64
-
-
-@pytest.fixture(scope="module")
-def graphs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-
-    from training.models.propagation.network import PropagationConfig, PropagationNet
-    from training.propagate.export import export_propagation
-    from training.propagate.inference import MemoryPolicy
-
-    out = tmp_path_factory.getbasetemp() / "propagation_graphs"  # one export per test session (test_web_page too)
-    if (out / "propagation.segment.onnx").exists():
-        return out
-    torch.manual_seed(0)
-    small = PropagationConfig(key_dim=8, value_dim=16, c4=8, c8=16, c16=24, decoder_width=16)
-    export_propagation(
-        PropagationNet(small).eval(), out, input_size=SIZE, policy=MemoryPolicy(mem_every=2, max_memory=3)
-    )
-    return out
-
-
-def retrained(graphs_dir: Path, out: Path, run_id: str, scale: float = 1.25) -> Path:
-    """The three graphs as if exported by another training run: weights scaled, endoflow.source_run_id changed."""
-    out.mkdir(parents=True, exist_ok=True)
-    for graph in GRAPHS:
-        file = f"propagation.{graph}.onnx"
-        model = onnx.load(str(graphs_dir / file))
-        for tensor in model.graph.initializer:
-            if tensor.data_type == onnx.TensorProto.FLOAT and len(tensor.dims) >= 2:  # conv/linear weights only
-                tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * scale, tensor.name))
-        props = {p.key: p.value for p in model.metadata_props}
-        helper.set_model_props(model, props | {"endoflow.source_run_id": run_id})
-        onnx.save_model(model, str(out / file))
-    return out
-
-
-def clip(frames: int = 5) -> tuple[np.ndarray, np.ndarray]:
-    """A disc drifting right over a gradient, and the first frame's mask (disc = 3, left band = 1)."""
-    y, x = np.mgrid[0:SIZE, 0:SIZE]
-    images = []
-    for t in range(frames):
-        disc = (x - 20 - 3 * t) ** 2 + (y - 32) ** 2 < 100
-        rgb = np.stack([x * 3, y * 3, np.where(disc, 250, 40)], axis=-1)
-        images.append(rgb.clip(0, 255).astype(np.uint8))
-    mask = np.zeros((SIZE, SIZE), np.uint8)
-    mask[(x - 20) ** 2 + (y - 32) ** 2 < 100] = 3
-    mask[:, :6] = 1
-    return np.stack(images), mask
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def png_array(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)))
 
 
 def test_stream_matches_the_reference_loop(graphs_dir: Path) -> None:

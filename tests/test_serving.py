@@ -1,4 +1,4 @@
-"""Serving without torch: a hand-built ONNX model whose answer is known, from codec to HTTP.
+"""Serving without torch: a hand-built ONNX model whose answer is known (tests/conftest.py), from codec to HTTP.
 
 The model is a 1x1 Conv 3->7 with fixed weights: with mean = std = 0.5 a saturated colour normalises to +-1
 per channel, and each class's weight row is the +-1 pattern of "its" colour, so that colour scores 3 there
@@ -7,20 +7,25 @@ and at most 1 anywhere else. Mid grey normalises to ~0 and falls to the bias of 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
-import json
-import struct
-import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from conftest import (
+    BAD_BODIES,
+    CLASS_NAMES,
+    COLOURS,
+    INPUT_SIZE,
+    make_model,
+    metadata_props,
+    save_model,
+    solid,
+    to_bytes,
+)
 from PIL import Image
 
 from pipelines.local_ray import free_port
@@ -28,84 +33,6 @@ from serving.codec import decode_image, encode_png, make_palette, overlay
 from serving.errors import RequestError
 from serving.onnx_model import OnnxSegmenter, argmax_classes
 from serving.resolve import model_sha256, resolve_model
-
-CLASS_NAMES = ["void", "red", "green", "blue", "white", "black", "yellow"]
-COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "white": (255, 255, 255)}
-COLOURS |= {"black": (0, 0, 0), "yellow": (255, 255, 0), "void": (128, 128, 128)}
-WEIGHTS = np.array(
-    [[0, 0, 0], [1, -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, 1], [-1, -1, -1], [1, 1, -1]], dtype=np.float32
-)
-BIAS = np.array([0.5, 0, 0, 0, 0, 0, 0], dtype=np.float32)
-INPUT_SIZE = [32, 64]
-
-
-def metadata_props() -> dict[str, str]:
-    return {
-        "endoflow.task": "segmentation",
-        "endoflow.class_names": json.dumps(CLASS_NAMES),
-        "endoflow.input_size": json.dumps(INPUT_SIZE),
-        "endoflow.normalization": json.dumps({"mean": [0.5] * 3, "std": [0.5] * 3}),
-        "endoflow.size_multiple": "32",
-        "endoflow.source_run_id": "",
-    }
-
-
-def make_model(props: dict[str, str] | None = None, bias: np.ndarray = BIAS) -> onnx.ModelProto:
-    weight = numpy_helper.from_array(WEIGHTS.reshape(7, 3, 1, 1), "weight")
-    bias = numpy_helper.from_array(bias, "bias")
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["image", "weight", "bias"], ["logits"])],
-        "colour_classifier",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, "H", "W"])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 7, "H", "W"])],
-        [weight, bias],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8  # readable by any recent onnxruntime
-    helper.set_model_props(model, metadata_props() if props is None else props)
-    onnx.checker.check_model(model)
-    return model
-
-
-def save_model(path: Path, props: dict[str, str] | None = None, bias: np.ndarray = BIAS) -> Path:
-    onnx.save_model(make_model(props, bias), str(path))
-    return path
-
-
-@pytest.fixture
-def model_path(tmp_path: Path) -> Path:
-    return save_model(tmp_path / "model.onnx")
-
-
-def solid(colour: str, height: int = 50, width: int = 70) -> np.ndarray:
-    return np.broadcast_to(np.array(COLOURS[colour], dtype=np.uint8), (height, width, 3)).copy()
-
-
-def to_bytes(image: np.ndarray, fmt: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG that declares width x height but carries no pixel data: a decompression-bomb stand-in."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
-
-
-BAD_BODIES = {
-    "empty": (b"", 400),
-    "not an image": (b'{"image": "please"}', 415),
-    "gif": (b"GIF89a" + b"\x00" * 32, 415),
-    "truncated png": (to_bytes(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))[:300], 400),
-    "huge dimensions": (png_header_only(100_000, 100_000), 413),
-    "garbage after png signature": (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, 400),
-}
-
 
 # ---- codec ------------------------------------------------------------------------------------------------
 
@@ -366,24 +293,3 @@ def test_http_oversized_body_is_413(server: httpx.Client) -> None:
     chunked = server.post("/v1/segment", content=iter([b"\x89PNG\r\n\x1a\n", bytes(MAX_HTTP_BODY)]))
     assert chunked.status_code == 413 and "limit" in chunked.json()["error"]
     assert server.post("/v1/segment", content=to_bytes(solid("red"))).status_code == 200
-
-
-@contextlib.contextmanager
-def serving(model: Path, **options) -> Iterator[str]:
-    """Serve `model` on a free loopback port for one test module; yields the base URL, leaves no app behind."""
-    from ray import serve
-
-    from serving.app import run_app
-
-    port = free_port()
-    options.setdefault("reload_interval_s", 0)
-    try:
-        run_app(str(model), port=port, host="127.0.0.1", **options)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-
-
-def normalised(image: np.ndarray) -> np.ndarray:
-    """uint8 (H, W, 3) -> the model's FP32 (1, 3, H, W) input (mean = std = 0.5)."""
-    return ((image.astype(np.float32) / 255 - 0.5) / 0.5).transpose(2, 0, 1)[None].copy()

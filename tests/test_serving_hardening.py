@@ -14,9 +14,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from conftest import BAD_BODIES, BIAS, normalised, save_model, serving, solid, to_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_serving import BAD_BODIES, BIAS, normalised, save_model, serving, solid, to_bytes
 
 from serving.onnx_model import OnnxSegmenter, choose_providers
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from test_serving import normalised, save_model, serving, solid, to_bytes
+from conftest import normalised, save_model, serving, solid, to_bytes
 
 pytestmark = pytest.mark.slow
 SECONDS = float(os.environ.get("ENDOFLOW_LOAD_SECONDS", "5"))

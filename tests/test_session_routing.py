@@ -20,8 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_propagation_serving import b64, clip, graphs_dir, png_array  # noqa: F401 - graphs_dir: fixture
-from test_serving import save_model, to_bytes
+from conftest import b64, clip, png_array, save_model, to_bytes
 
 from serving.errors import RequestError
 from serving.propagation import OnnxPropagator, Stream

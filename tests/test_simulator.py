@@ -7,14 +7,8 @@ import pytest
 
 from training.data.classes import GLOTTAL_SPACE, NUM_CLASSES, OTHER_TISSUE, VOCAL_FOLDS
 from training.data.render import STYLES, render
-from training.data.simulator import (
-    SceneConfig,
-    label_map,
-    sample_scene,
-    sample_sequence,
-    simulate_frames,
-    simulate_sequences,
-)
+from training.data.scene import SceneConfig, label_map, sample_scene, sample_sequence
+from training.data.simulator import simulate_frames, simulate_sequences
 
 SIZE = 64  # small frames keep the suite fast; the geometry is resolution-independent
 

@@ -7,7 +7,7 @@ import json
 import httpx
 import numpy as np
 import pytest
-from test_serving import CLASS_NAMES, COLOURS, normalised, save_model, serving, solid
+from conftest import CLASS_NAMES, COLOURS, normalised, save_model, serving, solid
 
 pytestmark = pytest.mark.slow
 

@@ -12,8 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from test_propagation_serving import graphs_dir  # noqa: F401 - the fixture, used via getfixturevalue
-from test_serving import save_model, serving
+from conftest import save_model, serving
 from websockets.sync.client import connect
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -156,6 +156,21 @@ def read_checkpoint_state(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
         return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
 
 
+def checkpoint_state_file(path: str) -> Path:
+    """The state file behind a checkpoint path given in a config (an adapt teacher, style's segmenter): state.pt
+    itself, a checkpoint dir, or a Ray run dir (its latest checkpoint)."""
+    found = Path(path).expanduser().resolve()  # absolute: Ray workers do not share the driver's cwd
+    if found.is_dir() and not (found / STATE_FILE).is_file():
+        # Ray names checkpoint dirs by time, so the latest sorts last.
+        checkpoints = sorted(c for c in found.glob("checkpoint_*") if (c / STATE_FILE).is_file())
+        found = checkpoints[-1] if checkpoints else found
+    if found.is_dir():
+        found = found / STATE_FILE
+    if not found.is_file():
+        raise FileNotFoundError(f"checkpoint {path!r}: no {STATE_FILE} there")
+    return found
+
+
 def fit(
     train_loop_per_worker: Callable[[dict], None],
     loop_config: dict[str, Any],

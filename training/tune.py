@@ -137,7 +137,7 @@ class SweepConfig(StrictModel):
 
 @dataclass
 class SweepResult:
-    best_config: dict[str, Any]  # the best trial's full job config, ready for `endoflow train -c`
+    best_config: dict[str, Any]  # the best trial's full job config, ready for `endoflow segment train -c` (or adapt)
     best_metric: float
     trials: list[dict[str, Any]]  # trial_id, run_id, params, status, epochs, <metric> (last), curve, error
     best_params: dict[str, Any] = field(default_factory=dict)  # the searched values of the best trial

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,9 +36,10 @@ from training.adapt.pseudo_labels import (
 )
 from training.data.normalize import normalize, to_unit_bchw
 from training.data.sources import load_data
+from training.losses import masked_cross_entropy
 from training.models.unet import Segmenter, UNetConfig
 from training.segment.predict import predict_labels, score
-from training.segment.train import TrainedSegmenter, augment, masked_cross_entropy
+from training.segment.train import TrainedSegmenter, augment
 from training.style.generator_file import load_generator
 from training.style.transforms import apply_style
 
@@ -89,20 +89,6 @@ def label_targets(model: torch.nn.Module, target_nhwc: np.ndarray, cfg: PseudoCo
         labels.append(pseudo_labels(probs, tau, uncertainty, u_max).to(torch.uint8).cpu().numpy())
     model.train(was_training)
     return np.concatenate(labels)
-
-
-def teacher_state_file(path: str) -> Path:
-    """The state file behind `teacher_checkpoint`: state.pt itself, a checkpoint dir, or a Ray run dir (latest)."""
-    found = Path(path).expanduser().resolve()  # absolute: Ray workers do not share the driver's cwd
-    if found.is_dir() and not (found / loop.STATE_FILE).is_file():
-        # Ray names checkpoint dirs by time, so the latest sorts last.
-        checkpoints = sorted(c for c in found.glob("checkpoint_*") if (c / loop.STATE_FILE).is_file())
-        found = checkpoints[-1] if checkpoints else found
-    if found.is_dir():
-        found = found / loop.STATE_FILE
-    if not found.is_file():
-        raise FileNotFoundError(f"teacher_checkpoint {path!r}: no {loop.STATE_FILE} there")
-    return found
 
 
 def build_segmenter(model_config: dict[str, Any], weights: dict[str, torch.Tensor]) -> Segmenter:
@@ -273,7 +259,7 @@ def run(cfg: AdaptJobConfig, tracking_uri: str) -> TrainedSegmenter:
     `teacher_checkpoint` is resolved here, to fail before any worker starts; on a multi-node cluster it must lie on
     storage every node mounts (after the first checkpoint the teacher travels inside this job's checkpoints).
     """
-    teacher_file = str(teacher_state_file(cfg.teacher_checkpoint)) if cfg.teacher_checkpoint else None
+    teacher_file = str(loop.checkpoint_state_file(cfg.teacher_checkpoint)) if cfg.teacher_checkpoint else None
     if cfg.style.method == "translator":  # fail before any worker starts; workers load it themselves
         load_generator(cfg.style.translator, "style.translator")
     state, result = loop.fit_job(

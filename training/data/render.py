@@ -33,7 +33,7 @@ from training.data.classes import (
     VOCAL_FOLDS,
     VOID,
 )
-from training.data.simulator import Scene, SceneLayers, image_coordinates, scene_layers
+from training.data.scene import Scene, SceneLayers, image_coordinates, scene_layers
 
 STYLES: tuple[str, ...] = ("sim", "real-like")
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from training.data.classes import IGNORE_INDEX
-from training.segment.train import masked_cross_entropy
+from training.losses import masked_cross_entropy
 
 
 def clip_loss(logits_bknhw: torch.Tensor, labels_bkhw: torch.Tensor) -> torch.Tensor:

@@ -29,8 +29,10 @@ from pydantic import Field
 from training.config import StrictModel
 from training.data import storage
 from training.data.classes import IGNORE_INDEX
-from training.data.folders import _png, write_folder_dataset
+from training.data.folders import _png, folder_index, vocalfolds_index, write_folder_dataset
+from training.data.sources import DataSpec
 from training.propagate.inference import MemoryPolicy, propagate_from_keys
+from training.propagate.sequences import labelled_sequences, sequence_names, unlabelled_sequences
 
 # frames (T, H, W, 3) uint8 → softmax probabilities (T, C, H, W) float32
 ReferenceSegmenter = Callable[[np.ndarray], np.ndarray]
@@ -122,6 +124,43 @@ def write_pseudo_dataset(
         "sequences": report,
     }
     storage.write_bytes(storage.join(out_uri, "pseudo_labels.json"), json.dumps(summary, indent=2).encode())
+    return summary
+
+
+def pseudo_label_dataset(
+    backend,
+    reference: ReferenceSegmenter,
+    data: Path,
+    out: Path,
+    cfg: PseudoLabelConfig,
+    layout: str = "vocalfolds",
+    sequences: list[str] | None = None,
+    size: int = 256,
+    check_truth: bool = True,
+    progress: Callable[[str], None] = print,
+) -> dict:
+    """Pseudo-label every sequence of a vocalfolds or folder dataset root and write the set (write_pseudo_dataset);
+    the summary. vocalfolds with `check_truth`: kept pixels are also scored against the annotations (truth_check),
+    to measure what the threshold keeps, and the summary's "truth_check" is written into pseudo_labels.json."""
+    index = (
+        vocalfolds_index(str(data), sequences=sequences, labelled=False)
+        if layout == "vocalfolds"
+        else folder_index(str(data))
+    )
+    truths = {}
+    if layout == "vocalfolds" and check_truth:
+        spec = DataSpec(kind="vocalfolds", uri=str(data), sequences=sequences, size=size)
+        truths = dict(zip(sequence_names(spec), (m for _, m in labelled_sequences(spec)), strict=True))
+    results, checks = {}, {}
+    for name, frames, frame_names in unlabelled_sequences(index, size):
+        results[name] = (frames, frame_names, pseudo_label_sequence(backend, frames, reference(frames), cfg))
+        if name in truths:
+            checks[name] = truth_check(truths[name], results[name][2])
+        progress(f"{name}: {len(frames)} frames {checks.get(name, '')}")
+    summary = write_pseudo_dataset(str(out), results, cfg)
+    if checks:
+        summary["truth_check"] = checks
+        (out / "pseudo_labels.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 

@@ -21,10 +21,11 @@ from training import loop
 from training.data.normalize import normalize
 from training.models.propagation.network import PropagationNet
 from training.propagate.config import PropagateJobConfig
-from training.propagate.inference import TorchBackend, propagate
+from training.propagate.inference import TorchBackend
 from training.propagate.losses import clip_loss, first_masks
+from training.propagate.models import load_model
+from training.propagate.scoring import validation_scores
 from training.propagate.sequences import ClipPools, build_pools, labelled_sequences, sample_clips
-from training.propagation_metrics import j_and_f
 
 
 def draw_clips(
@@ -49,17 +50,6 @@ def forward_clips(
     frames, labels = draw_clips(pools, cfg, static_share, rng, context.device)
     with context.autocast():
         model(frames, first_masks(labels, cfg.data.max_objects))
-
-
-def evaluate_sequences(model: PropagationNet, sequences, policy) -> dict[str, float]:
-    """Mean J&F (and J, F) over labelled sequences, the first frame given: the job's validation score."""
-    backend = TorchBackend(model, policy.top_k)
-    scores = []
-    for frames, truth in sequences:
-        labels, _ = propagate(backend, frames, truth[0], policy)
-        objects = [int(c) for c in np.unique(truth[0]) if c != 0]
-        scores.append(j_and_f(truth[1:], labels[1:], objects))
-    return {key: float(np.nanmean([s[key] for s in scores])) for key in ("J&F", "J", "F")}
 
 
 def train_loop_per_worker(config_dict: dict) -> None:
@@ -133,11 +123,12 @@ def train_loop_per_worker(config_dict: dict) -> None:
             "epoch_seconds": time.perf_counter() - started,
         }
         if val is not None:
-            scores = evaluate_sequences(evaluated.cpu(), val, cfg.memory)
+            scores = validation_scores(TorchBackend(evaluated.cpu(), cfg.memory.top_k), val, cfg.memory)
             evaluated.to(context.device)
             metrics |= {"val_jf": scores["J&F"], "val_j": scores["J"], "val_f": scores["F"]}
             if averaging:  # the same epoch without the average: what the average changed
-                metrics["val_jf_trained"] = evaluate_sequences(trained.cpu(), val, cfg.memory)["J&F"]
+                trained_backend = TorchBackend(trained.cpu(), cfg.memory.top_k)
+                metrics["val_jf_trained"] = validation_scores(trained_backend, val, cfg.memory)["J&F"]
                 trained.to(context.device)
         saved = loop.optimiser_state(model, optimizer, scheduler)
         if averaging:  # "model" is what load_model, export and evaluation use
@@ -184,12 +175,3 @@ def run(cfg: PropagateJobConfig, tracking_uri: str) -> TrainedPropagator:
     )
     last_weights = load_model(state, "trained_model") if "trained_model" in state else None
     return TrainedPropagator(load_model(state), result.checkpoint.path, dict(result.metrics or {}), last_weights)
-
-
-def load_model(state: dict, key: str = "model") -> PropagationNet:
-    """The model of a checkpoint state (or of a saved {'model', 'config'} file); `key` "trained_model" picks a
-    weight-averaged run's last trained weights."""
-    cfg = PropagateJobConfig.model_validate(state["config"])
-    model = PropagationNet(cfg.model)
-    model.load_state_dict(state[key])
-    return model.eval()

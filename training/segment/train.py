@@ -12,24 +12,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from ray.train.torch import prepare_model
 
 from training import loop
-from training.data.classes import IGNORE_INDEX
 from training.data.normalize import normalize, to_unit_bchw
 from training.data.sources import load_data
+from training.losses import masked_cross_entropy
 from training.models.unet import Segmenter
 from training.segment.config import AugmentConfig, SegmentJobConfig, StyleConfig
 from training.segment.predict import score
 from training.style.transforms import apply_style
-
-
-def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the pixels not labelled IGNORE_INDEX; 0 for a batch without any, where
-    cross_entropy's own mean would be NaN (0/0) and poison the weights."""
-    kept = (labels != IGNORE_INDEX).sum().clamp_min(1)
-    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum") / kept
 
 
 def augment(batch_unit: torch.Tensor, masks: torch.Tensor, cfg: AugmentConfig, rng: torch.Generator):

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from training import loop
 from training.data.normalize import normalize, to_unit_bchw
 from training.data.sources import load_data
+from training.losses import masked_cross_entropy
 from training.models.translator import (
     Generator,
     PatchDiscriminator,
@@ -36,7 +37,6 @@ from training.models.translator import (
     to_unit,
 )
 from training.models.unet import Segmenter, UNetConfig
-from training.segment.train import masked_cross_entropy
 from training.style.generator_file import save_generator
 from training.style.translator_config import TranslatorJobConfig, TranslatorLossConfig
 
@@ -69,9 +69,8 @@ def nce_loss(
 
 
 def load_segmenter(path: str) -> Segmenter:
-    from training.adapt.train import teacher_state_file  # one lookup rule for state.pt / checkpoint / run dir
 
-    saved = torch.load(teacher_state_file(path), map_location="cpu", weights_only=False)
+    saved = torch.load(loop.checkpoint_state_file(path), map_location="cpu", weights_only=False)
     model_cfg = saved["config"]["model"] if "model" in saved["config"] else saved["config"]
     model = Segmenter(UNetConfig.model_validate(model_cfg), pretrained=False)
     model.load_state_dict(saved["model"])
@@ -247,9 +246,7 @@ def run(cfg: TranslatorJobConfig, tracking_uri: str) -> tuple[Path, dict]:
     `tracking_uri` with `cfg.tracking.run_id` set: per-epoch metrics and sample grids go into that MLflow run."""
     segmenter_file = None
     if cfg.segmenter_checkpoint and cfg.loss.semantic > 0:
-        from training.adapt.train import teacher_state_file
-
-        segmenter_file = str(teacher_state_file(cfg.segmenter_checkpoint))
+        segmenter_file = str(loop.checkpoint_state_file(cfg.segmenter_checkpoint))
     state, result = loop.fit_job(
         train_loop_per_worker,
         {"job": cfg.model_dump(mode="json"), "tracking_uri": tracking_uri, "segmenter_file": segmenter_file},
