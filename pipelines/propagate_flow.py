@@ -1,14 +1,12 @@
 """Mask propagation end to end: MLflow run → Ray Train job → ONNX export + sequence parity → registry → evaluation.
 
 Also what a --model or --segmenter names, found on disk or in the MLflow registry (`locate_model`,
-`registered_graphs`, `reference_segmenter`): that lookup goes through serving's model resolution and is to be shared
-with serving/propagation.py, so it stays here until then rather than in training/.
+`reference_segmenter`); graphs are found by serving's torch-free `resolve_graphs`, the rule serving itself uses.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +26,6 @@ from training.propagate.export import (
     ExportedGraphs,
     OnnxBackend,
     export_propagation,
-    graph_metadata,
     load_graphs,
 )
 from training.propagate.models import last_weights_path, save_model
@@ -48,49 +45,17 @@ class PropagateResult:
     registered_versions: dict[str, str] = field(default_factory=dict)
 
 
-_REGISTRY_REF = re.compile(r"^models:/(?P<name>[^/@]+)(?P<tail>@[^/@]+|/[^/@]+)$")
-
-
 def locate_model(model: str | Path, tracking_uri: str | None = None) -> Path | ExportedGraphs:
     """What a --model names: a torch checkpoint (.pt: training state or save_model's file), or the three ONNX
-    graphs, on disk (one of them, or their directory) or registered (`registered_graphs`)."""
+    graphs, on disk (one of them, or their directory) or registered (models:/NAME@ALIAS, `load_graphs`)."""
     if str(model).startswith("models:/"):
-        return registered_graphs(str(model), tracking_uri)
+        return load_graphs(str(model), tracking_uri)
     path = Path(model).expanduser()
     if path.suffix != ".pt":
         return load_graphs(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; expected a propagation checkpoint")
     return path
-
-
-def registered_graphs(ref: str, tracking_uri: str | None = None) -> ExportedGraphs:
-    """models:/NAME@ALIAS or models:/NAME/VERSION: the graphs `propagate train --register NAME@ALIAS` registered,
-    NAME-encode_key, NAME-encode_value and NAME-segment at that alias (or version), downloaded from the registry."""
-    match = _REGISTRY_REF.match(ref)
-    if not match:
-        raise ValueError(f"{ref!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-    paths, runs = {}, {}
-    for graph in GRAPHS:
-        graph_ref = f"models:/{match['name']}-{graph}{match['tail']}"
-        try:
-            paths[graph] = resolve_model(graph_ref, tracking_uri=tracking_uri).path
-        except (FileNotFoundError, ValueError) as err:
-            raise FileNotFoundError(
-                f"{ref}: registered graph missing: {err}; expected the three graphs "
-                f"{match['name']}-{{{','.join(GRAPHS)}}} that `propagate train --register` registers"
-            ) from err
-        props = graph_metadata(paths[graph])
-        if (props.get("endoflow.task"), props.get("endoflow.graph")) != ("propagation", graph):
-            raise ValueError(
-                f"{graph_ref}: endoflow.task {props.get('endoflow.task')!r}, endoflow.graph "
-                f"{props.get('endoflow.graph')!r}; expected 'propagation' and {graph!r}"
-            )
-        runs[graph] = props.get("endoflow.source_run_id")
-    # The graphs exchange features whose shapes and meaning belong to one set of weights: never mix two exports.
-    if len(set(runs.values())) > 1:
-        raise ValueError(f"{ref}: the three graphs come from different training runs {runs}; register them together")
-    return ExportedGraphs(paths)
 
 
 def reference_segmenter(

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from pipelines.cli import app
 from pipelines.propagate_flow import train_and_export
+from serving.propagation_graphs import GRAPHS, graph_metadata
 from training.config import load_config
 from training.data.folders import folder_index, load_frames, write_folder_dataset
 from training.data.simulator import simulate_sequences
@@ -22,7 +23,6 @@ from training.data.sources import DataSpec
 from training.data.volumes import read_nifti, simulate_volume, write_case
 from training.propagate import train as propagate_train
 from training.propagate.config import PropagateJobConfig
-from training.propagate.export import GRAPHS, graph_metadata
 from training.propagate.inference import MemoryPolicy
 from training.propagate.models import last_weights_path, load_backend, load_model
 from training.propagate.pseudo_labels import PseudoLabelConfig, pseudo_label_sequence, write_pseudo_dataset

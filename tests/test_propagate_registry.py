@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from pipelines.cli import app
 from pipelines.propagate_flow import locate_model
+from serving.propagation_graphs import GRAPHS, graph_metadata
 from training import tracking
 from training.data.classes import IGNORE_INDEX
 from training.data.folders import write_folder_dataset
@@ -23,7 +24,7 @@ from training.data.sources import DataSpec, load_data
 from training.export import export_segmenter
 from training.models.propagation.network import PropagationConfig, PropagationNet
 from training.models.unet import Segmenter, UNetConfig
-from training.propagate.export import GRAPHS, ExportedGraphs, export_propagation, graph_metadata
+from training.propagate.export import ExportedGraphs, export_propagation
 
 SIZE = 64
 

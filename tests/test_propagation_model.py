@@ -7,15 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from serving.memory_stream import winning_channels
 from training.models.propagation.memory import affinity, read, readout
 from training.models.propagation.network import PropagationConfig, PropagationNet, flatten_memory
-from training.propagate.inference import (
-    MemoryPolicy,
-    TorchBackend,
-    propagate,
-    propagate_both_ways,
-    winning_channels,
-)
+from training.propagate.inference import MemoryPolicy, TorchBackend, propagate, propagate_both_ways
 
 SMALL = PropagationConfig(key_dim=8, value_dim=16, c4=8, c8=16, c16=24, decoder_width=16)
 

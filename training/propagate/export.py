@@ -64,14 +64,13 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+from serving.propagation_graphs import GRAPHS, resolve_graphs
 from training.data.classes import CLASS_NAMES
 from training.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from training.export import _quiet_exporter
 from training.models.encoders import encoder_provenance
 from training.models.propagation.network import KEY_STRIDE, PropagationNet
 from training.propagate.inference import MemoryPolicy
-
-GRAPHS = ("encode_key", "encode_value", "segment")
 
 
 class EncodeKeyGraph(nn.Module):
@@ -245,26 +244,7 @@ class OnnxBackend:
         return self.sessions["segment"].run(None, feeds | {"memory_values": memory_values})[0]
 
 
-def load_graphs(path: Path) -> ExportedGraphs:
-    """The three graphs from one of them (or their directory + stem): siblings named in `endoflow.graphs`."""
-    path = Path(path)
-    if path.is_dir():
-        found = sorted(path.glob("*.segment.onnx"))
-        if not found:
-            raise FileNotFoundError(f"{path}: no *.segment.onnx; expected the three propagation graphs")
-        path = found[0]
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; expected a propagation ONNX graph")
-    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    if props.get("endoflow.task") != "propagation":
-        raise ValueError(f"{path}: endoflow.task is {props.get('endoflow.task')!r}; expected 'propagation'")
-    files = json.loads(props["endoflow.graphs"])
-    paths = {g: path.parent / files[g] for g in GRAPHS}
-    missing = [str(p) for p in paths.values() if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"{path}: sibling graph(s) missing: {', '.join(missing)}")
-    return ExportedGraphs(paths)
-
-
-def graph_metadata(path: Path) -> dict[str, str]:
-    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+def load_graphs(reference: str | Path, tracking_uri: str | None = None) -> ExportedGraphs:
+    """The three graphs of one export that `reference` names — one of them, their directory, or models:/NAME@ALIAS
+    (NAME/VERSION) — found and checked by serving's torch-free `resolve_graphs`, the one rule for both sides."""
+    return ExportedGraphs({g: r.path for g, r in resolve_graphs(str(reference), tracking_uri=tracking_uri).items()})

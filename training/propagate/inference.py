@@ -3,18 +3,20 @@ and volumes slice by slice in both directions from annotated or key slices.
 
 Frames are uint8 (T, H, W, 3) with H, W multiples of 16; label maps are uint8 (T, H, W) whose non-zero values are
 the objects (0 is background). The memory policy and the stream are exactly what training/propagate/export.py's
-contract tells an onnxruntime client to do.
+contract tells an onnxruntime client to do: the stream step itself (MemoryStream, winning_channels) is serving's
+torch-free serving/memory_stream.py, so training and serving run one implementation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from pydantic import Field
 
+from serving.memory_stream import MemoryStream, one_hot, winning_channels
 from training.config import StrictModel
 from training.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from training.models.propagation.network import KEY_STRIDE, PropagationNet
@@ -50,30 +52,6 @@ class MemoryPolicy(StrictModel):
     min_area: float = Field(0.005, ge=0, lt=1)
 
 
-def winning_channels(probs_nhw: np.ndarray, min_area: float = 0.0) -> np.ndarray:
-    """(H, W) channel index of one frame's probabilities (N + 1, H, W): each pixel's most probable of background
-    and the objects. An object winning fewer than `min_area` of the frame's pixels is taken as absent from the frame
-    and its pixels get their next most probable label: J and F score an object painted on a frame without it 0,
-    and a speck is more often such a ghost than the object itself. Background is never dropped. One pass: an
-    object that shrinks under the bound only because another was dropped stays."""
-    winners = probs_nhw.argmax(0)
-    if min_area > 0:
-        counts = np.bincount(winners.ravel(), minlength=len(probs_nhw))
-        absent = np.flatnonzero((counts > 0) & (counts < min_area * winners.size))
-        absent = absent[absent > 0]
-        if absent.size:
-            kept = probs_nhw.copy()
-            kept[absent] = -1.0
-            winners = kept.argmax(0)
-    return winners
-
-
-# A "backend" turns the three graph calls into numpy in, numpy out, so torch and onnxruntime streams share this code.
-EncodeKey = Callable[[np.ndarray], tuple[np.ndarray, ...]]
-EncodeValue = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
-Segment = Callable[..., np.ndarray]
-
-
 class TorchBackend:
     """The model's three graphs on numpy arrays with the contract's shapes (see export.py)."""
 
@@ -107,54 +85,6 @@ def prepare_frame(frame_hw3: np.ndarray) -> np.ndarray:
         raise ValueError(f"frames are {width}x{height}; expected sides that are multiples of {KEY_STRIDE}")
     unit = frame_hw3.astype(np.float32).transpose(2, 0, 1)[None] / 255.0
     return ((unit - _MEAN) / _STD).astype(np.float32)  # numpy: no torch thread pool competing with onnxruntime
-
-
-def one_hot(labels_hw: np.ndarray, objects: Sequence[int]) -> np.ndarray:
-    """(N, 1, H, W) float32 masks of `objects` in a label map."""
-    return np.stack([(labels_hw == o) for o in objects])[:, None].astype(np.float32)
-
-
-class MemoryStream:
-    """One view's bounded memory over a stream: frames go in (mirrored when `mirrored`), probabilities come out in
-    the frames' own orientation, and `remember` stores a frame with the probabilities finally chosen for it."""
-
-    def __init__(self, backend, policy: MemoryPolicy, mirrored: bool = False) -> None:
-        self.backend, self.policy, self.mirrored = backend, policy, mirrored
-        self.memory: list[tuple[np.ndarray, np.ndarray]] = []
-        self.previous: tuple[np.ndarray, np.ndarray] | None = None  # the last frame when it is not in `memory`
-        self.query: tuple[np.ndarray, ...] = ()
-
-    def _view(self, array: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(array[..., ::-1]) if self.mirrored else array
-
-    def start(self, image: np.ndarray, masks_n1hw: np.ndarray) -> None:
-        image = self._view(image)
-        key, f16, _, _ = self.backend.encode_key(image)
-        self.memory = [(key, self.backend.encode_value(image, f16, self._view(masks_n1hw)))]
-
-    def read(self, image: np.ndarray) -> np.ndarray:
-        """Probabilities (1, N + 1, H, W) of a new frame from the memory (and the previous frame)."""
-        image = self._view(image)
-        key, f16, f8, f4 = self.backend.encode_key(image)
-        read = self.memory if self.previous is None else [*self.memory, self.previous]
-        memory_keys = np.concatenate([k for k, _ in read], axis=0)
-        memory_values = np.stack([v for _, v in read], axis=1)
-        self.query = (image, key, f16)
-        return self._view(self.backend.segment(key, f16, f8, f4, memory_keys, memory_values))
-
-    def remember(self, t: int, probs: np.ndarray) -> None:
-        """After frame t was read: keep it (every mem_every-th frame) or hold it as the temporary previous entry."""
-        image, key, f16 = self.query
-        self.previous, keep = None, t % self.policy.mem_every == 0
-        if keep or self.policy.previous_frame:
-            masks = np.ascontiguousarray(self._view(probs)[0, 1:, None])
-            entry = (key, self.backend.encode_value(image, f16, masks))
-            if keep:
-                self.memory.append(entry)
-                if len(self.memory) > self.policy.max_memory:
-                    del self.memory[1]  # the key frame stays
-            else:
-                self.previous = entry
 
 
 @dataclass(frozen=True)

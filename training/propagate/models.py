@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
+from serving.propagation_graphs import graph_metadata
 from training.models.propagation.network import PropagationNet
 from training.propagate.config import PropagateJobConfig
-from training.propagate.export import ExportedGraphs, OnnxBackend, graph_metadata
+from training.propagate.export import ExportedGraphs, OnnxBackend
 from training.propagate.inference import MemoryPolicy, TorchBackend
 from training.propagate.key_frame_tuning import KeyFrameTuner, KeyFrameTuning
 
