@@ -228,13 +228,21 @@ def bench_segment(
     out: Path = Path("runs/bench/segment.json"),
     real_data: Annotated[Path | None, typer.Option(help="vocalfolds root")] = Path("../shared/data/vocalfolds"),
     epochs: int = 30,
+    models: Annotated[
+        str, typer.Option(help="comma-separated: default (scratch), lite0_imagenet, plain_unet (≈ 35 min here)")
+    ] = "default,lite0_imagenet,plain_unet",
 ) -> None:
-    """Default segmenter vs a plain U-Net: onnxruntime fps at 256×256 and mean Dice with the same budget."""
+    """Scratch and ImageNet-pretrained segmenters and a plain U-Net: onnxruntime fps at 256×256 and mean Dice with
+    the same data and budget."""
     import json
 
     from pipelines.bench import bench_segment as run_bench
 
-    report = run_bench(out, real_data, epochs=epochs)
+    try:
+        report = run_bench(out, real_data, epochs=epochs, models=[m.strip() for m in models.split(",") if m.strip()])
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
     console.print_json(json.dumps(report))
 
 
