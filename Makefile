@@ -85,15 +85,20 @@ bench-propagate: $(STAMP)
 	$(VENV)/bin/endoflow bench propagate --out runs/bench/propagate.json --ensemble $(ENSEMBLE)
 
 # --- sim→real adaptation ladder (source-only → FDA → learned CUT translator → IRB → + pseudo-labels → oracle), on the
-# embedded real-like simulator and, when present, on vocalfolds seq1-3 (unlabelled) → seq4 (~15-30 min each, 2 cores) ---
+# embedded real-like simulator and, when present, on vocalfolds seq1-3 (unlabelled) → seq4: from scratch at 128 px
+# (~15-30 min each, 2 cores) and with the ImageNet Lite0 encoder at 256 px (about an hour more) ---
 .PHONY: bench-adapt
 
 bench-adapt: $(STAMP)
 	nice -n 10 $(VENV)/bin/endoflow bench adapt --out runs/bench/adapt.json
 	@if [ -d ../shared/data/vocalfolds/img ]; then \
+		set -e; \
 		nice -n 10 $(VENV)/bin/endoflow bench adapt --real-data ../shared/data/vocalfolds --real-layout vocalfolds \
 			--train-sequences seq1,seq2,seq3 --eval-sequences seq4 --out runs/bench/adapt-vocalfolds.json \
 			--set runs_dir=runs/bench/adapt-vocalfolds; \
+		nice -n 10 $(VENV)/bin/endoflow bench adapt --real-data ../shared/data/vocalfolds --real-layout vocalfolds \
+			--train-sequences seq1,seq2,seq3 --eval-sequences seq4 --out runs/bench/adapt-vocalfolds-lite0-256.json \
+			--set runs_dir=runs/bench/adapt-vocalfolds-lite0-256 --set size=256 --set model.encoder=lite0-imagenet; \
 	else echo "bench-adapt: ../shared/data/vocalfolds absent, embedded ladder only"; fi
 
 # --- serving benchmark: bare onnxruntime vs the service (v2 binary, REST PNG; Ray's proxy, HAProxy, HAProxy with user

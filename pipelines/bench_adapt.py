@@ -33,6 +33,7 @@ from training.config import StrictModel
 from training.data.classes import GLOTTAL_SPACE, VOCAL_FOLDS
 from training.data.sources import DataSpec, load_data
 from training.loop import ComputeConfig
+from training.models.encoders import encoder_provenance
 from training.models.translator import TranslatorConfig
 from training.models.unet import UNetConfig
 from training.segment import train as segment_train
@@ -188,6 +189,7 @@ def run_bench(cfg: BenchAdaptConfig, out: Path, progress=print) -> dict:
         "data": bench_plan.description,
         "eval_frames": len(images),
         "config": cfg.model_dump(mode="json"),
+        "starting_weights": encoder_provenance(cfg.model.encoder),
         "rungs": {},
     }
     started_all = time.perf_counter()
