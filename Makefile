@@ -81,8 +81,12 @@ images:
 # ENSEMBLE=3: also trains seeds 1 and 2 (as long again each) and scores the ensemble of the three as real_ensemble
 ENSEMBLE ?= 1
 
+# KEY_ENCODER=lite0-imagenet: the same bench with the ImageNet Lite0 key encoder, in propagate-lite0-imagenet.json
+KEY_ENCODER ?= scratch
+BENCH_PROPAGATE_JSON = runs/bench/propagate$(if $(filter scratch,$(KEY_ENCODER)),,-$(KEY_ENCODER)).json
+
 bench-propagate: $(STAMP)
-	$(VENV)/bin/endoflow bench propagate --out runs/bench/propagate.json --ensemble $(ENSEMBLE)
+	$(VENV)/bin/endoflow bench propagate --out $(BENCH_PROPAGATE_JSON) --ensemble $(ENSEMBLE) --key-encoder $(KEY_ENCODER)
 
 # --- sim→real adaptation ladder (source-only → FDA → learned CUT translator → IRB → + pseudo-labels → oracle), on the
 # embedded real-like simulator and, when present, on vocalfolds seq1-3 (unlabelled) → seq4: from scratch at 128 px

@@ -39,6 +39,7 @@ from training.config import load_config, load_recipe
 from training.data.simulator import simulate_sequences
 from training.data.sources import DataSpec
 from training.data.volumes import simulate_volume
+from training.models.encoders import EncoderName, encoder_provenance
 from training.models.propagation.network import count_parameters
 from training.propagate.config import PropagateJobConfig
 from training.propagate.export import OnnxBackend, export_propagation
@@ -57,15 +58,21 @@ LONG_SIM = {"n_sequences": 6, "length": 80, "seed": 4244}  # simulator sequences
 CT_SEEDS = range(5000, 5008)  # simulator CT volumes (default 96×96×40 geometry); training volumes draw seeds from 0
 
 
-def bench_config(real_root: Path | None, runs_dir: str = "runs", seed: int = 0) -> PropagateJobConfig:
+def bench_config(
+    real_root: Path | None, runs_dir: str = "runs", seed: int = 0, key_encoder: EncoderName = "scratch"
+) -> PropagateJobConfig:
     """The bench network's training, configs/propagate-bench.yaml; another `seed` is the same training with other
-    initial weights and clips (an ensemble member, saved as propagate-bench-seed<seed>). The vocalfolds sections
+    initial weights and clips (an ensemble member, saved as propagate-bench-seed<seed>), another `key_encoder` the
+    same with the ImageNet Lite0 key encoder (propagate-bench-lite0-imagenet[-seed<seed>]). The vocalfolds sections
     read `real_root`, and are dropped when it has no img/ (simulator only)."""
+    name = "propagate-bench" + ("" if key_encoder == "scratch" else f"-{key_encoder}")
     overrides = [
-        "name=propagate-bench" if seed == 0 else f"name=propagate-bench-seed{seed}",
+        f"name={name}" if seed == 0 else f"name={name}-seed{seed}",
         f"compute.seed={seed}",
         f"runs_dir={runs_dir}",
     ]
+    if key_encoder != "scratch":
+        overrides.append(f"model.key_encoder={key_encoder}")
     if real_root is not None and (real_root / "img").is_dir():
         overrides += [f"data.real.uri={json.dumps(str(real_root))}", f"val.uri={json.dumps(str(real_root))}"]
     else:
@@ -215,11 +222,11 @@ def key_frame_tuned(model, sequences: dict, policy: MemoryPolicy, trained_on: li
     }
 
 
-def trained_members(real_root: Path | None, seeds: range) -> list[Path]:
+def trained_members(real_root: Path | None, seeds: range, key_encoder: EncoderName = "scratch") -> list[Path]:
     """The bench network trained with each seed: runs/artifacts/propagate-bench[-seedN].pt, trained when missing."""
     paths = []
     for seed in seeds:
-        cfg = bench_config(real_root, seed=seed)
+        cfg = bench_config(real_root, seed=seed, key_encoder=key_encoder)
         path = Path(cfg.runs_dir) / "artifacts" / f"{cfg.name}.pt"
         if not path.is_file():
             print(f"[bench-propagate] training {cfg.name} (seed {seed})", flush=True)
@@ -238,7 +245,12 @@ def trained_members(real_root: Path | None, seeds: range) -> list[Path]:
 
 
 def bench_propagate(
-    out: Path, model_path: Path | None, real_root: Path | None, threads: int = 2, ensemble: int = 1
+    out: Path,
+    model_path: Path | None,
+    real_root: Path | None,
+    threads: int = 2,
+    ensemble: int = 1,
+    key_encoder: EncoderName = "scratch",
 ) -> dict:
     """ensemble > 1: the bench network is also trained with seeds 1..ensemble-1 (each about as long as the first),
     and the ensemble of them all (`model_path` first, when given) is scored on vocalfolds as real_ensemble."""
@@ -247,7 +259,7 @@ def bench_propagate(
         raise ValueError(f"ensemble {ensemble}: expected 1 (one network) or more members")
     if ensemble > 1 and real_root is None:
         raise ValueError("an ensemble is scored on the vocalfolds sequences: give their root (real_data), with img/")
-    members = trained_members(real_root, range(0 if model_path is None else 1, ensemble))
+    members = trained_members(real_root, range(0 if model_path is None else 1, ensemble), key_encoder)
     if model_path is None:
         model_path = members[0]
     else:
@@ -320,6 +332,7 @@ def bench_propagate(
             )
     report = {
         "model": str(model_path),
+        "starting_weights": encoder_provenance(state["config"]["model"].get("key_encoder", "scratch")),
         "parameters": count_parameters(model),
         "train_size": state["config"]["data"]["size"],
         "trained_on_real_sequences": trained_on,

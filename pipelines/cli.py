@@ -312,6 +312,9 @@ def bench_propagate_command(
             min=1, help="also score an ensemble of this many bench networks (seeds 0..N-1, each trained when missing)"
         ),
     ] = 1,
+    key_encoder: Annotated[
+        str, typer.Option(help="scratch, or lite0-imagenet: train and score the bench with the ImageNet key encoder")
+    ] = "scratch",
 ) -> None:
     """J&F on simulator sequences and vocalfolds, Dice and NSD on simulator CT volumes, frames/s at 256×256 for torch
     and onnxruntime (2 threads)."""
@@ -319,8 +322,11 @@ def bench_propagate_command(
 
     from pipelines.bench_propagate import bench_propagate
 
+    if key_encoder not in ("scratch", "lite0-imagenet"):
+        console.print(f"[red]error:[/red] --key-encoder {key_encoder!r}: expected scratch or lite0-imagenet")
+        raise typer.Exit(2)
     try:
-        report = bench_propagate(out, model, real_data, ensemble=ensemble)
+        report = bench_propagate(out, model, real_data, ensemble=ensemble, key_encoder=key_encoder)
     except ValueError as exc:  # ConfigError: its training run exists with another model; or an unscorable ensemble
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc

@@ -46,6 +46,14 @@ def test_an_ensemble_member_differs_from_the_bench_network_only_by_seed_and_name
     assert first.model_copy(update=same) == second.model_copy(update=same)
 
 
+def test_the_pretrained_key_encoder_bench_differs_only_by_its_key_encoder_and_name(tmp_path):
+    (tmp_path / "img").mkdir()
+    scratch, lite0 = bench_config(tmp_path), bench_config(tmp_path, seed=1, key_encoder="lite0-imagenet")
+    assert (lite0.name, lite0.model.key_encoder) == ("propagate-bench-lite0-imagenet-seed1", "lite0-imagenet")
+    same = {"name": "x", "compute": scratch.compute, "model": scratch.model}
+    assert lite0.model_copy(update=same) == scratch.model_copy(update=same)
+
+
 def test_an_older_bench_checkpoint_is_scored_with_a_notice_not_retrained(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "runs" / "artifacts" / "propagate-bench.pt"
