@@ -139,6 +139,10 @@ def sweep(
 @app.command()
 def serve(
     model: Annotated[str, typer.Option(help="ONNX path or models:/name@alias")],
+    propagation_model: Annotated[
+        str | None,
+        typer.Option(help="propagation graphs: their folder or models:/NAME@ALIAS (`propagate train --register`)"),
+    ] = None,
     port: int = 8000,
     host: str = "127.0.0.1",
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local)")] = None,
@@ -160,7 +164,7 @@ def serve(
     ] = True,
     access_log: Annotated[bool, typer.Option(help="Serve's per-request access log (/metrics counts anyway)")] = False,
 ) -> None:
-    """Serve a segmentation model over HTTP in the foreground; Ctrl-C stops cleanly."""
+    """Serve a segmentation model (and propagation graphs) over HTTP in the foreground; Ctrl-C stops cleanly."""
     import os
     import time
 
@@ -194,11 +198,13 @@ def serve(
             reload_interval_s=reload_interval,
             api_token=api_token or "",
             access_log=access_log,
+            propagation_model=propagation_model,
             **scaling,
         )
+        with_propagation = f" and {propagation_model} (/v1/propagate/...)" if propagation_model else ""
         console.print(
-            f"serving {model} on http://{host}:{port} (page /, REST /v1/segment, v2 /v2/models/..., /metrics, "
-            f"/docs){' with bearer auth' if api_token else ''}; Ctrl-C stops"
+            f"serving {model}{with_propagation} on http://{host}:{port} (page /, REST /v1/segment, v2 /v2/models/..., "
+            f"/metrics, /docs){' with bearer auth' if api_token else ''}; Ctrl-C stops"
         )
         try:
             while True:
