@@ -168,23 +168,28 @@ def serve(
     import os
     import time
 
+    from pipelines.ingress import PortTaken, claim_ports, configure_haproxy
     from pipelines.local_ray import local_ray
     from serving.app import run_app
     from training.tracking import default_tracking_uri
 
-    if haproxy and not address:  # read by Serve's processes when they start, so it has to be set before Ray is
-        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
-        # HAProxy holds a descriptor per connection; the usual soft limit of 1024 is too low under load.
-        import resource
-
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 16384), hard), hard))
+    local = not (address or os.environ.get("RAY_ADDRESS"))
+    haproxy = haproxy and local
+    if local:  # a taken port fails here, in a second, rather than as HAProxy's traceback once Ray is up
+        try:
+            claim_ports(host, port, haproxy)
+        except PortTaken as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from exc
+    scratch = tempfile.TemporaryDirectory(prefix="endoflow-serve-")
+    if haproxy:  # read by Serve's processes when they start, so it has to be set before Ray is
+        configure_haproxy(port, Path(scratch.name))
     scaling = {"num_replicas": replicas}
     if max_replicas and max_replicas > replicas:
         scaling = {
             "autoscaling": {"min_replicas": replicas, "max_replicas": max_replicas, "target_ongoing_requests": 4}
         }
-    with local_ray(address=address):
+    with scratch, local_ray(address=address):
         run_app(
             model,
             port=port,
