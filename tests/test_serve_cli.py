@@ -24,21 +24,9 @@ from test_propagation_serving import b64, clip, graphs_dir, png_array  # noqa: F
 from test_serving import save_model, to_bytes
 
 from pipelines.ingress import METRICS_OFFSET, STATS_OFFSET
-from pipelines.local_ray import free_port
+from pipelines.local_ray import free_port_block
 
 ENDOFLOW = Path(sys.executable).parent / "endoflow"  # the venv running the tests
-
-
-def free_port_block(size: int = 3, avoid: tuple[int, ...] = ()) -> int:
-    """A port P with P .. P + size - 1 all free and at least `size` away from each of `avoid`."""
-    for _ in range(200):
-        port = free_port()
-        if any(abs(port - other) < size for other in avoid) or port + size > 65535:
-            continue
-        with socket.socket() as probe:
-            if all(probe.connect_ex(("127.0.0.1", p)) != 0 for p in range(port, port + size)):
-                return port
-    raise RuntimeError("no block of free ports")
 
 
 def listening_addresses(port: int) -> set[str]:
@@ -114,7 +102,7 @@ def drive_session(base_url: str) -> None:
 
 def test_taken_port_fails_fast_naming_it(tmp_path: Path) -> None:
     model = save_model(tmp_path / "colours.onnx")
-    port = free_port_block()
+    port = free_port_block(3)
     for taken in (port, port + STATS_OFFSET):  # the HTTP port, then the HAProxy stats port derived from it
         with socket.socket() as holder:
             holder.bind(("127.0.0.1", taken))
@@ -136,8 +124,8 @@ def test_taken_port_fails_fast_naming_it(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_two_servers_on_one_host_with_propagation_sessions(graphs_dir: Path, tmp_path: Path) -> None:  # noqa: F811
     model = save_model(tmp_path / "colours.onnx")
-    first = free_port_block()
-    second = free_port_block(avoid=(first,))
+    first = free_port_block(3)
+    second = free_port_block(3, avoid=(first,))
     common = ["--model", str(model), "--propagation-model", str(graphs_dir), "--threads", "1"]
     with (
         endoflow_serve([*common, "--port", str(first)], tmp_path / "first.log"),

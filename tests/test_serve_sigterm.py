@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from test_serve_cli import endoflow_serve, free_port_block
+from test_serve_cli import endoflow_serve
 
+from pipelines.local_ray import free_port_block
 from training.export import export_segmenter
 from training.models.unet import Segmenter, UNetConfig
 
@@ -59,7 +60,7 @@ def _running(pid: int) -> bool:
 @pytest.mark.slow
 def test_sigterm_stops_ray_and_haproxy(tmp_path: Path) -> None:
     model = export_segmenter(Segmenter(UNetConfig(base_width=4, depth=2)), tmp_path / "model.onnx", input_size=64)
-    port = free_port_block()  # HAProxy's stats and metrics take port+1, port+2
+    port = free_port_block(3)  # HAProxy's stats and metrics take port+1, port+2
     with endoflow_serve(
         ["--model", str(model), "--port", str(port), "--threads", "1"], tmp_path / "serve.log"
     ) as server:
