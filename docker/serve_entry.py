@@ -3,12 +3,13 @@
 Two ways in:
   * RayService (and `serve run`): `import_path: serve_entry:app_builder` with `args:` {model, threads,
     providers, max_body_bytes, max_side, limits, cache_dir, autoscaling, max_batch_size, batch_wait_timeout_s,
-    reload_interval_s, ...} (OPTIONS below). The bearer token is never an arg: each replica reads
+    reload_interval_s, propagation_model, ...} (OPTIONS below; `propagation_model` falls back to
+    ENDOFLOW_PROPAGATION_MODEL, like `model` to ENDOFLOW_MODEL). The bearer token is never an arg: each replica reads
     ENDOFLOW_API_TOKEN from its environment (the RayService wires the Secret in). Ray Serve's import_path takes
     a bound Application or a builder with exactly one parameter, the args dict; `serving.app.build_app` takes
     the model reference plus keywords, so this adapts it without touching the app.
-  * `docker run IMAGE --model models:/endoflow-segmenter@champion`: a private single-node Ray and the app on
-    0.0.0.0:8000 until SIGTERM (docker stop), which shuts Serve down cleanly.
+  * `docker run IMAGE --model models:/endoflow-segmenter@champion [--propagation-model models:/NAME@ALIAS]`: a
+    private single-node Ray and the app on 0.0.0.0:8000 until SIGTERM (docker stop), which shuts Serve down cleanly.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ OPTIONS = {
     "max_batch_size",
     "batch_wait_timeout_s",
     "reload_interval_s",
+    "propagation_model",
+    "session_idle_timeout_s",
 }
 
 
@@ -48,6 +51,8 @@ def app_builder(args: dict[str, Any]) -> Application:
     model = options.pop("model", None) or os.environ.get("ENDOFLOW_MODEL")
     if not model:
         raise ValueError("no model: set args.model in the Serve config or ENDOFLOW_MODEL")
+    if propagation := options.get("propagation_model") or os.environ.get("ENDOFLOW_PROPAGATION_MODEL"):
+        options["propagation_model"] = propagation
     unknown = sorted(set(options) - OPTIONS)
     if unknown:
         raise ValueError(f"unknown serving args {unknown}; expected some of {sorted(OPTIONS)}")
@@ -59,6 +64,11 @@ def app_builder(args: dict[str, Any]) -> Application:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Serve an EndoFlow ONNX segmenter with Ray Serve.")
     parser.add_argument("--model", default=os.environ.get("ENDOFLOW_MODEL"), help="ONNX path or models:/name@alias")
+    parser.add_argument(
+        "--propagation-model",
+        default=os.environ.get("ENDOFLOW_PROPAGATION_MODEL"),
+        help="propagation graphs: their folder or models:/NAME@ALIAS (default: none, /v1/propagate answers 404)",
+    )
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads (and Ray CPUs) per replica")
@@ -75,7 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # docker stop sends SIGTERM; run_app stops Serve on interrupt
     try:
         run_app(
-            args.model, host=args.host, port=args.port, blocking=True, threads=args.threads, providers=args.providers
+            args.model,
+            host=args.host,
+            port=args.port,
+            blocking=True,
+            threads=args.threads,
+            providers=args.providers,
+            propagation_model=args.propagation_model,
         )
     finally:
         ray.shutdown()

@@ -1,13 +1,17 @@
 """Serving benchmark: the same segmenter, the same machine, one run, four ways of answering a request.
 
   (a) bare      onnxruntime in this process: normalised FP32 [1, 3, S, S] -> session.run -> the service's argmax
-  (b) v2        this service, Open Inference Protocol v2, binary FP32 in -> binary UINT8 labels out
+  (b) v2        this service, Open Inference Protocol v2, binary FP32 in -> binary UINT8 labels out; and binary
+                UINT8 RGB pixels in (normalised by the server, 4x fewer bytes), paired with bare onnxruntime on the same
+                pixels (serving/pixels.py's normalisation, then the same session)
   (c) rest      this service, POST PNG -> PNG label map
   (d) naive     FastAPI + torch eager (pipelines/naive_torch_server.py), POST PNG -> PNG label map
 (b) and (c) run once per ingress (INGRESS_ENV): Ray Serve's default Python proxy, its HAProxy ingress
 (RAY_SERVE_ENABLE_HA_PROXY=1, Ray >= 2.55), and HAProxy with the replica's user code on Serve's own event loop
-instead of a second thread (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0), each in a fresh subprocess because
-the flags are read when Serve starts.
+instead of a second thread (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0), and Ray 2.60's throughput-optimised mode
+(RAY_SERVE_THROUGHPUT_OPTIMIZED=1) twice: through Serve's proxy port, and straight at the replica's own HTTP port
+(direct ingress: what HAProxy forwards to, without HAProxy), each in a fresh subprocess because the flags are read
+when Serve starts.
 Every mode is measured at each concurrency for `seconds` by closed-loop client threads with keep-alive
 connections (http.client: the cheapest Python client, so the client adds as little as possible to every mode).
 The overhead target is also measured paired (bare, v2 and an echo deployment in alternating rounds while the
@@ -35,13 +39,19 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.local_ray import free_port_block
+
 Send = Callable[[Any], int]  # (per-thread state) -> HTTP status (200 = ok)
 # Environment of the service process per ingress variant; Serve reads these when it starts.
 INGRESS_ENV: dict[str, dict[str, str]] = {
     "default": {},
     "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
     "haproxy_same_loop": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"},
+    "throughput_optimized": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    "throughput_optimized_replica_port": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},  # see replica_ports
 }
+# Direct ingress gives each replica an HTTP port from RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT up (default 30000-31000).
+REPLICA_PORTS_FROM = "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"
 
 
 def prepare(workdir: Path, input_size: int) -> tuple[Path, Path]:
@@ -180,7 +190,8 @@ def http_sender(port: int, path: str, body: bytes, headers: dict[str, str]) -> t
 
 
 def v2_body(batch: np.ndarray) -> tuple[bytes, dict[str, str]]:
-    spec = {"name": "image", "shape": list(batch.shape), "datatype": "FP32"}
+    """A binary v2 request for `batch`: FP32 (N, 3, H, W) normalised, or UINT8 (N, H, W, 3) RGB pixels."""
+    spec = {"name": "image", "shape": list(batch.shape), "datatype": "UINT8" if batch.dtype == np.uint8 else "FP32"}
     spec["parameters"] = {"binary_data_size": batch.nbytes}
     output = {"name": "labels", "parameters": {"binary_data": True}}
     header = json.dumps({"inputs": [spec], "outputs": [output]}).encode()
@@ -252,6 +263,30 @@ def deploy_echo(reply_bytes: int) -> str:
     return "/echo"
 
 
+def replica_ports(first: int, model_name: str, count: int = 2, scan: int = 32) -> tuple[int, int]:
+    """(segmentation replica's port, echo replica's port) under direct ingress, replica ports counting up from
+    `first`: the segmentation replica answers /healthz with its model's name, the echo answers anything else."""
+    found: dict[str, int] = {}
+    for port in range(first, first + scan):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            connection.request("GET", "/healthz")
+            reply = connection.getresponse()
+            body = reply.read()
+        except OSError:
+            continue
+        finally:
+            connection.close()
+        try:
+            is_model = json.loads(body)["model"]["name"] == model_name
+        except (ValueError, KeyError, TypeError):
+            is_model = False
+        found.setdefault("model" if is_model else "echo", port)
+        if len(found) == count:
+            return found["model"], found["echo"]
+    raise RuntimeError(f"replica ports not found in {first}-{first + scan - 1}: {found}")
+
+
 def bench_service(
     model_path: Path, ingress: str, threads: int, levels: list[int], seconds: float, propagation: Path | None = None
 ) -> dict:
@@ -276,18 +311,33 @@ def bench_service(
         name = Path(model_path).stem
         results = {}
         body, headers = v2_body(batch)
+        pixels = test_image(size)[None]
+        pixel_body, pixel_headers = v2_body(pixels)
+        # The echo answers as many bytes as the v2 labels answer: the same traffic both ways.
+        probe = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        probe.request("POST", f"/v2/models/{name}/infer", body=body, headers=headers)
+        echo_route = deploy_echo(len(probe.getresponse().read()))
+        echo_port = port
+        if ingress == "throughput_optimized_replica_port":  # both replicas answer on their own ports
+            port, echo_port = replica_ports(int(os.environ[REPLICA_PORTS_FROM]), name)
+        results["replica_port"] = port if port != echo_port else None
         make_state, send = http_sender(port, f"/v2/models/{name}/infer", body, headers)
         results["v2"] = [closed_loop(make_state, send, c, seconds) for c in levels]
+        make_pixel_state, send_pixels = http_sender(port, f"/v2/models/{name}/infer", pixel_body, pixel_headers)
+        results["v2_uint8"] = [closed_loop(make_pixel_state, send_pixels, c, seconds) for c in levels]
 
         def send_bare(_: Any) -> int:
             labels_from_logits(model.logits(batch), batch.shape[2:])
             return 200
 
-        # The echo answers as many bytes as the v2 labels answer: the same traffic both ways.
-        probe = make_state()
-        probe.request("POST", f"/v2/models/{name}/infer", body=body, headers=headers)
-        _, send_echo = http_sender(port, deploy_echo(len(probe.getresponse().read())), body, headers)
+        def send_bare_pixels(_: Any) -> int:  # the same pixels, normalised as the server does, the same session
+            labels_from_logits(model.logits(model.preprocess(pixels)), pixels.shape[1:3])
+            return 200
+
+        _, send_echo = http_sender(echo_port, echo_route, body, headers)
         results["paired"] = paired_overhead(send_bare, make_state, send, send_echo)
+        _, send_pixel_echo = http_sender(echo_port, echo_route, pixel_body, pixel_headers)
+        results["paired_uint8"] = paired_overhead(send_bare_pixels, make_pixel_state, send_pixels, send_pixel_echo)
         make_state, send = http_sender(port, "/v1/segment", png_bytes(test_image(size)), {"Content-Type": "image/png"})
         results["rest"] = [closed_loop(make_state, send, c, seconds) for c in levels]
         if propagation:
@@ -343,12 +393,16 @@ def bench_serve(
         log(f"(b, c) service, {ingress} ingress")
         result_file = workdir / f"service_{ingress}.json"
         env = os.environ | INGRESS_ENV[ingress]
+        if ingress == "throughput_optimized_replica_port":
+            env |= {REPLICA_PORTS_FROM: str(free_port_block(64))}  # where this variant's replicas listen
         args = ["service", str(model_path), ingress, str(threads), ",".join(map(str, levels)), str(seconds)]
         # Streams once, on the default ingress: the WebSocket path does not depend on the ingress choice here.
         args += [str(result_file), str(propagation) if ingress == ingresses[0] else ""]
         subprocess.run([sys.executable, "-m", "pipelines.bench_serve", *args], env=env, check=True)
         service = json.loads(result_file.read_text())
         report[f"b_v2_binary_{ingress}"] = service["v2"]
+        report[f"b_v2_uint8_{ingress}"] = service["v2_uint8"]
+        report[f"paired_bare_vs_v2_uint8_at_1_{ingress}"] = service["paired_uint8"]
         report[f"c_rest_png_{ingress}"] = service["rest"]
         report[f"paired_bare_vs_v2_at_1_{ingress}"] = service["paired"]
         if "streams" in service:
@@ -367,15 +421,23 @@ def _summary(report: dict[str, Any], ingresses: tuple[str, ...]) -> dict[str, An
     summary: dict[str, Any] = {}
     for ingress in ingresses:
         b1, a1 = at(f"b_v2_binary_{ingress}", 1), at("a_bare_onnxruntime", 1)
-        b8, d8 = at(f"b_v2_binary_{ingress}", 8), at("d_naive_torch", 8)
+        b8, d8, a8 = at(f"b_v2_binary_{ingress}", 8), at("d_naive_torch", 8), at("a_bare_onnxruntime", 8)
+        paired, paired_uint8 = (
+            report[f"paired_bare_vs_v2_at_1_{ingress}"],
+            report[f"paired_bare_vs_v2_uint8_at_1_{ingress}"],
+        )
         summary[ingress] = {
             "v2_overhead_p50_ms_at_1": round(b1["p50_ms"] - a1["p50_ms"], 3),
-            "v2_overhead_p50_ms_at_1_paired": report[f"paired_bare_vs_v2_at_1_{ingress}"]["overhead_p50_ms"],
-            "echo_floor_p50_ms_at_1_paired": report[f"paired_bare_vs_v2_at_1_{ingress}"]["echo_p50_ms"],
-            "v2_overhead_above_echo_p50_ms_at_1_paired": report[f"paired_bare_vs_v2_at_1_{ingress}"][
-                "overhead_above_echo_p50_ms"
-            ],
+            "v2_overhead_p50_ms_at_1_paired": paired["overhead_p50_ms"],
+            "echo_floor_p50_ms_at_1_paired": paired["echo_p50_ms"],
+            "v2_overhead_above_echo_p50_ms_at_1_paired": paired["overhead_above_echo_p50_ms"],
+            "v2_uint8_overhead_p50_ms_at_1_paired": paired_uint8["overhead_p50_ms"],
+            "v2_uint8_echo_floor_p50_ms_at_1_paired": paired_uint8["echo_p50_ms"],
             "v2_vs_naive_throughput_at_8": round(b8["throughput_rps"] / max(d8["throughput_rps"], 1e-9), 2),
+            "v2_vs_bare_throughput_at_8": round(b8["throughput_rps"] / max(a8["throughput_rps"], 1e-9), 2),
+            "v2_uint8_vs_bare_throughput_at_8": round(
+                at(f"b_v2_uint8_{ingress}", 8)["throughput_rps"] / max(a8["throughput_rps"], 1e-9), 2
+            ),
         }
     summary["errors"] = sum(r.get("errors", 0) for v in report.values() if isinstance(v, list) for r in v)
     return summary

@@ -149,6 +149,10 @@ def sweep(
 @app.command()
 def serve(
     model: Annotated[str, typer.Option(help="ONNX path or models:/name@alias")],
+    propagation_model: Annotated[
+        str | None,
+        typer.Option(help="propagation graphs: their folder or models:/NAME@ALIAS (`propagate train --register`)"),
+    ] = None,
     port: int = 8000,
     host: str = "127.0.0.1",
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local)")] = None,
@@ -170,27 +174,32 @@ def serve(
     ] = True,
     access_log: Annotated[bool, typer.Option(help="Serve's per-request access log (/metrics counts anyway)")] = False,
 ) -> None:
-    """Serve a segmentation model over HTTP in the foreground; Ctrl-C stops cleanly."""
+    """Serve a segmentation model (and propagation graphs) over HTTP in the foreground; Ctrl-C stops cleanly."""
     import os
     import time
 
+    from pipelines.ingress import PortTaken, claim_ports, configure_haproxy
     from pipelines.local_ray import local_ray
     from serving.app import run_app
     from training.tracking import default_tracking_uri
 
-    if haproxy and not address:  # read by Serve's processes when they start, so it has to be set before Ray is
-        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
-        # HAProxy holds a descriptor per connection; the usual soft limit of 1024 is too low under load.
-        import resource
-
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 16384), hard), hard))
+    local = not (address or os.environ.get("RAY_ADDRESS"))
+    haproxy = haproxy and local
+    if local:  # a taken port fails here, in a second, rather than as HAProxy's traceback once Ray is up
+        try:
+            claim_ports(host, port, haproxy)
+        except PortTaken as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from exc
+    scratch = tempfile.TemporaryDirectory(prefix="endoflow-serve-")
+    if haproxy:  # read by Serve's processes when they start, so it has to be set before Ray is
+        configure_haproxy(port, Path(scratch.name))
     scaling = {"num_replicas": replicas}
     if max_replicas and max_replicas > replicas:
         scaling = {
             "autoscaling": {"min_replicas": replicas, "max_replicas": max_replicas, "target_ongoing_requests": 4}
         }
-    with local_ray(address=address):
+    with scratch, local_ray(address=address):
         run_app(
             model,
             port=port,
@@ -204,11 +213,13 @@ def serve(
             reload_interval_s=reload_interval,
             api_token=api_token or "",
             access_log=access_log,
+            propagation_model=propagation_model,
             **scaling,
         )
+        with_propagation = f" and {propagation_model} (/v1/propagate/...)" if propagation_model else ""
         console.print(
-            f"serving {model} on http://{host}:{port} (page /, REST /v1/segment, v2 /v2/models/..., /metrics, "
-            f"/docs){' with bearer auth' if api_token else ''}; Ctrl-C stops"
+            f"serving {model}{with_propagation} on http://{host}:{port} (page /, REST /v1/segment, v2 /v2/models/..., "
+            f"/metrics, /docs){' with bearer auth' if api_token else ''}; Ctrl-C stops"
         )
         try:
             while True:

@@ -2,10 +2,14 @@
 
 simulate → train source-only and FDA-style-transferred (Ray Train) → score on the real-like target → ONNX export and
 parity → MLflow registry (name@alias) → Ray Serve → real HTTP requests → a table and runs/demo/report.json.
+Beside the segmenter, Serve runs propagation graphs exported from an UNTRAINED propagation network (training one takes
+longer than the whole demo): a short clip streams through a session to show the plumbing and its frames/s, and the
+report says the masks mean nothing. `endoflow propagate train --register` gives graphs worth serving.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import shutil
@@ -47,6 +51,7 @@ class DemoConfig(StrictModel):
     alias: str = "champion"
     port: int = 8000
     requests: int = 32
+    stream_frames: int = Field(24, ge=0, description="frames streamed through a propagation session (0: none)")
 
 
 def variants(demo: DemoConfig) -> list[SegmentJobConfig]:
@@ -83,8 +88,9 @@ def run_demo(demo: DemoConfig, console: Console | None = None) -> dict:
         version = _register(best, demo)
         console.print(f"registered {best.name} as models:/{demo.model_name}@{demo.alias} (version {version})")
 
+        propagation = _untrained_propagation_graphs(demo, out_dir / "artifacts" / "propagation-untrained")
         console.rule(f"serving models:/{demo.model_name}@{demo.alias} with Ray Serve")
-        serving = _serve_and_query(demo, eval_spec, best.predictions, console)
+        serving = _serve_and_query(demo, eval_spec, best.predictions, console, propagation)
 
     images, masks = load_data(eval_spec)
     panels = {"truth": masks} | {r.name: r.predictions for r in results}
@@ -125,8 +131,29 @@ def _register(best: VariantResult, demo: DemoConfig) -> str:
         return register_onnx(best.onnx_path, demo.model_name, demo.alias)
 
 
-def _serve_and_query(demo: DemoConfig, eval_spec: DataSpec, torch_predictions: np.ndarray, console: Console) -> dict:
-    """Send eval frames over HTTP; score the answers and compare them pixel by pixel with the torch model's."""
+def _untrained_propagation_graphs(demo: DemoConfig, out_dir: Path) -> Path | None:
+    """The three propagation graphs of an untrained network at the demo's frame size, for the serving plumbing."""
+    if not demo.stream_frames:
+        return None
+    import torch
+
+    from training.models.propagation.network import PropagationConfig, PropagationNet
+    from training.propagate.export import export_propagation
+
+    torch.manual_seed(0)
+    export_propagation(PropagationNet(PropagationConfig()).eval(), out_dir, input_size=demo.size)
+    return out_dir
+
+
+def _serve_and_query(
+    demo: DemoConfig,
+    eval_spec: DataSpec,
+    torch_predictions: np.ndarray,
+    console: Console,
+    propagation: Path | None = None,
+) -> dict:
+    """Send eval frames over HTTP; score the answers and compare them pixel by pixel with the torch model's; stream
+    a clip through a propagation session when there are propagation graphs."""
     from ray import serve
 
     from serving.app import run_app
@@ -137,6 +164,7 @@ def _serve_and_query(demo: DemoConfig, eval_spec: DataSpec, torch_predictions: n
         port=demo.port,
         blocking=False,
         tracking_uri=mlflow.get_tracking_uri(),
+        propagation_model=str(propagation) if propagation else None,
     )
     try:
         images, masks = load_data(eval_spec.model_copy(update={"count": demo.requests}))
@@ -154,6 +182,7 @@ def _serve_and_query(demo: DemoConfig, eval_spec: DataSpec, torch_predictions: n
                 scores.update(mask, served)
                 agreeing_pixels += int((served == expected).sum())
             bad = client.post("/v1/segment", content=b"not an image", headers={"content-type": "image/png"})
+            stream = _stream_session(client, images[0], masks[0], demo.stream_frames) if propagation else None
         latencies_ms.sort()
         summary = scores.summary()
         console.print(f"{len(latencies_ms)} requests, p50 {statistics.median(latencies_ms):.1f} ms")
@@ -167,9 +196,37 @@ def _serve_and_query(demo: DemoConfig, eval_spec: DataSpec, torch_predictions: n
             "served_vs_torch_pixel_agreement": agreeing_pixels / max(1, masks[: len(latencies_ms)].size),
             "bad_request_status": bad.status_code,
             "bad_request_body": bad.json(),
+            "propagation": stream and {"graphs": str(propagation), **stream},
         }
     finally:
         serve.shutdown()
+
+
+def _stream_session(client: httpx.Client, image: np.ndarray, mask: np.ndarray, frames: int) -> dict:
+    """Open a propagation session on `image` and its mask, then send `frames` frames of the scene drifting right by
+    two pixels a frame (a stand-in clip); -> frames/s over HTTP, one frame at a time as a live video would."""
+    opened = client.post(
+        "/v1/propagate/sessions",
+        json={"frame": base64.b64encode(png_bytes(image)).decode(), "mask": base64.b64encode(png_bytes(mask)).decode()},
+    )
+    opened.raise_for_status()
+    session, route = opened.json()["session"], opened.json()["headers"]
+    bodies = [png_bytes(np.roll(image, 2 * t, axis=1)) for t in range(1, frames + 1)]
+    latencies_ms = []
+    started = time.perf_counter()
+    for body in bodies:
+        sent = time.perf_counter()
+        client.post(f"/v1/propagate/sessions/{session}/frames", content=body, headers=route).raise_for_status()
+        latencies_ms.append((time.perf_counter() - sent) * 1000)
+    seconds = time.perf_counter() - started
+    client.delete(f"/v1/propagate/sessions/{session}")
+    return {
+        "trained": False,
+        "note": "an untrained propagation network: this measures the serving path; its masks mean nothing",
+        "frames": frames,
+        "frames_per_second": round(frames / seconds, 1),
+        "frame_latency_ms_p50": round(statistics.median(latencies_ms), 2),
+    }
 
 
 def _print_table(report: dict, console: Console) -> None:
@@ -191,6 +248,11 @@ def _print_table(report: dict, console: Console) -> None:
         f"p95 {serving['latency_ms_p95']} ms, served mean Dice {serving['served_mean_dice']:.3f}; "
         f"bad input → {serving['bad_request_status']} {serving['bad_request_body']}"
     )
+    if stream := serving.get("propagation"):
+        console.print(
+            f"Propagation session: {stream['frames']} frames at {stream['frames_per_second']} frames/s over HTTP "
+            f"(p50 {stream['frame_latency_ms_p50']} ms a frame; untrained network, plumbing only)"
+        )
 
 
 def clean(demo: DemoConfig) -> None:

@@ -108,3 +108,20 @@ def free_port() -> int:
                 continue
             return port
     raise RuntimeError(f"no free TCP port in {QUIET_PORTS.start}-{QUIET_PORTS.stop - 1} on 127.0.0.1")
+
+
+def free_port_block(size: int, avoid: tuple[int, ...] = ()) -> int:
+    """A port P from QUIET_PORTS with P .. P + size - 1 all free on 127.0.0.1, and at least `size` away from each
+    port in `avoid` (for a service that takes several consecutive ports, as behind HAProxy: pipelines/ingress.py)."""
+    for _ in range(200):
+        first = free_port()
+        if first + size > QUIET_PORTS.stop or any(abs(first - other) < size for other in avoid):
+            continue
+        if all(_nothing_listens(port) for port in range(first, first + size)):
+            return first
+    raise RuntimeError(f"no {size} consecutive free ports in {QUIET_PORTS.start}-{QUIET_PORTS.stop - 1}")
+
+
+def _nothing_listens(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) != 0

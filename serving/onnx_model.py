@@ -19,6 +19,8 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from serving.pixels import PixelNormalizer
+
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
 Provider = str | tuple[str, dict[str, Any]]  # onnxruntime accepts a name or (name, options)
@@ -132,10 +134,7 @@ class OnnxSegmenter:
         self.class_names = self.metadata.class_names
         self.input_size = self.metadata.input_size
         self._check_graph()
-        # (pixel/255 - mean)/std folded into one multiply-add, computed once.
-        std = np.array(self.metadata.std, dtype=np.float32)
-        self._scale = 1.0 / (255.0 * std)
-        self._shift = -np.array(self.metadata.mean, dtype=np.float32) / std
+        self.normalize = PixelNormalizer(self.metadata.mean, self.metadata.std)
 
     def _check_graph(self) -> None:
         inputs = {i.name: i.shape for i in self.session.get_inputs()}
@@ -167,13 +166,11 @@ class OnnxSegmenter:
     def preprocess(self, images_nhwc: np.ndarray) -> np.ndarray:
         """uint8 [N, H, W, 3] -> normalised float32 [N, 3, h, w] at input_size."""
         height, width = self.input_size
-        batch = np.empty((len(images_nhwc), height, width, 3), dtype=np.float32)
-        for i, image in enumerate(images_nhwc):
-            if image.shape[:2] != (height, width):
-                image = np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
-            np.multiply(image, self._scale, out=batch[i])
-        batch += self._shift
-        return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
+        if images_nhwc.shape[1:3] != (height, width):
+            images_nhwc = np.stack(
+                [np.asarray(Image.fromarray(i).resize((width, height), Image.Resampling.BILINEAR)) for i in images_nhwc]
+            )
+        return self.normalize(images_nhwc)
 
     def predict(self, images_nhwc: np.ndarray) -> np.ndarray:
         """uint8 [N, H, W, 3] RGB -> uint8 labels [N, H, W] at the images' own size."""

@@ -27,6 +27,7 @@ from PIL import Image
 from serving.errors import RequestError
 from serving.memory_stream import MemoryStream, one_hot, winning_channels
 from serving.onnx_model import Provider, make_session
+from serving.pixels import PixelNormalizer
 from serving.propagation_graphs import GRAPHS, check_one_export
 from serving.raw_model import RawOnnxModel
 from serving.resolve import ResolvedModel
@@ -85,6 +86,7 @@ class OnnxPropagator:
         props = {g: dict(self.sessions[g].get_modelmeta().custom_metadata_map) for g in GRAPHS}
         check_one_export(props, graphs)  # again on what the sessions loaded: files may move
         self.metadata = PropagationMetadata.from_props(props["segment"], graphs["segment"].path)
+        self.normalize = PixelNormalizer(self.metadata.mean, self.metadata.std)
         self.providers = self.sessions["segment"].get_providers()
         self.sha256 = {g: graphs[g].sha256 for g in GRAPHS}
         self.bundle_sha256 = hashlib.sha256("".join(f"{g}:{self.sha256[g]}\n" for g in GRAPHS).encode()).hexdigest()
@@ -97,6 +99,7 @@ class OnnxPropagator:
                 self.version,
                 self.sessions[g],
                 {"propagation_model": self.name, "graph": g, "sha256": self.sha256[g], "ref": graphs[g].ref},
+                pixels=self.normalize,
             )
             for g in GRAPHS
         }
@@ -110,8 +113,7 @@ class OnnxPropagator:
         height, width = self.metadata.input_size
         if frame_hw3.shape[:2] != (height, width):
             frame_hw3 = np.asarray(Image.fromarray(frame_hw3).resize((width, height), Image.Resampling.BILINEAR))
-        unit = frame_hw3.astype(np.float32) / 255.0
-        return ((unit - self.metadata.mean) / self.metadata.std).transpose(2, 0, 1)[None].astype(np.float32)
+        return self.normalize(frame_hw3[None])
 
     def encode_key(self, image: np.ndarray) -> list[np.ndarray]:
         return self.sessions["encode_key"].run(None, {"image": image})

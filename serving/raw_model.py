@@ -6,6 +6,10 @@ checked first, so a client mistake is a RequestError(400) naming the input inste
 names, each datatype (no silent casts), rank, fixed dims and dims the graph declares as multiples ("16*h16").
 Inputs whose dims are individually valid but do not fit together (two inputs disagreeing on h16) are only found
 by onnxruntime while running; those failures are client mistakes too and come back as 400.
+
+One convenience, for graphs that take a normalised float32 `image` (N, 3, H, W) whose normalisation is known
+(`pixels`, serving/pixels.py): that input also accepts raw UINT8 RGB pixels (N, H, W, 3) at the same H, W, normalised
+here exactly as the export's float32 contract says, so clients send 4x fewer bytes and cannot normalise differently.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
 
 from serving import v2
 from serving.errors import RequestError
+from serving.pixels import PixelNormalizer
 
 ONNX_DATATYPES = {
     "tensor(bool)": "BOOL",
@@ -35,6 +40,7 @@ ONNX_DATATYPES = {
     "tensor(float)": "FP32",
     "tensor(double)": "FP64",
 }
+PIXEL_INPUT = "image"
 _MULTIPLE = re.compile(r"^(\d+)\*\w+$")  # how torch.export names a dim declared as K * Dim: "16*h16"
 
 
@@ -77,12 +83,25 @@ class RawOnnxModel:
     """A loaded onnxruntime session under a v2 name and version; `infer` is thread-safe (onnxruntime's run is)."""
 
     def __init__(
-        self, name: str, version: str, session: ort.InferenceSession, parameters: dict[str, Any] | None = None
+        self,
+        name: str,
+        version: str,
+        session: ort.InferenceSession,
+        parameters: dict[str, Any] | None = None,
+        pixels: PixelNormalizer | None = None,
     ) -> None:
+        """`pixels`: the normalisation of a float32 `image` (N, 3, H, W) input, which then also takes UINT8
+        (N, H, W, 3) RGB pixels."""
         self.name, self.version, self.session = name, version, session
-        self.parameters = parameters or {}
+        self.parameters = dict(parameters or {})
         self.inputs = [TensorSpec.from_node(node, name) for node in session.get_inputs()]
         self.outputs = [TensorSpec.from_node(node, name) for node in session.get_outputs()]
+        image = next((s for s in self.inputs if s.name == PIXEL_INPUT), None)
+        self.pixels = pixels if image and image.datatype == "FP32" and image.declared[1:2] == (3,) else None
+        if self.pixels is not None:
+            self.parameters["also_accepts"] = (
+                f"{PIXEL_INPUT} as UINT8 [N, H, W, 3] RGB pixels, H and W as for FP32; normalised by the server"
+            )
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -105,6 +124,7 @@ class RawOnnxModel:
             if unknown := sorted(set(inputs) - set(expected)):
                 problems.append(f"unknown {unknown}")
             raise RequestError(400, f"{self.name}: takes inputs {expected}; {', '.join(problems)}")
+        inputs = self._normalise_pixels(inputs)
         for spec in self.inputs:
             spec.check(inputs[spec.name], self.name)
         wanted = names if wanted is None else wanted
@@ -114,3 +134,14 @@ class RawOnnxModel:
             reason = str(err).split(" : ", 3)[-1].strip()  # drop onnxruntime's "[ONNXRuntimeError] : 1 : FAIL :"
             raise RequestError(400, f"{self.name}: the inputs do not fit together: {reason}") from err
         return dict(zip(wanted, arrays, strict=True))
+
+    def _normalise_pixels(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A UINT8 (N, H, W, 3) `image`, where accepted, as the graph's normalised float32 (N, 3, H, W)."""
+        pixels = inputs.get(PIXEL_INPUT)
+        if self.pixels is None or pixels is None or pixels.dtype != np.uint8:
+            return inputs
+        if pixels.ndim != 4 or pixels.shape[3] != 3:
+            raise RequestError(
+                400, f"{self.name}: UINT8 input {PIXEL_INPUT!r} must be [N, H, W, 3] RGB, got {list(pixels.shape)}"
+            )
+        return inputs | {PIXEL_INPUT: self.pixels(pixels)}

@@ -60,7 +60,7 @@ def parse_request(body: bytes, header_length: str | None, max_elements: int) -> 
     if header_length is None:
         json_part, binary = body, b""
     else:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
             raise RequestError(
                 400,
                 f"Inference-Header-Content-Length {header_length!r} is not a length within the {len(body)}-byte body",

@@ -20,6 +20,7 @@ def test_tiny_demo_writes_report(ray_session, tmp_path, monkeypatch):
         eval_count=8,
         epochs=1,
         requests=4,
+        stream_frames=3,
         port=free_port(),
     )
     report = run_demo(demo)
@@ -34,6 +35,8 @@ def test_tiny_demo_writes_report(ray_session, tmp_path, monkeypatch):
     assert "error" in saved["serving"]["bad_request_body"]
     # The served model is the registered one: over HTTP it labels pixels as the torch model did.
     assert saved["serving"]["served_vs_torch_pixel_agreement"] > 0.99
+    stream = saved["serving"]["propagation"]  # an untrained network, served beside the segmenter
+    assert stream["trained"] is False and stream["frames"] == 3 and stream["frames_per_second"] > 0
     assert (tmp_path / "demo" / "overlays.png").stat().st_size > 0
     assert (tmp_path / "demo" / "mlflow.db").exists()
     assert report["wall_seconds"] > 0

@@ -262,6 +262,29 @@ def test_graphs_as_v2_models_run_a_stream_client_side(base_url: str, graphs_dir:
 
 
 @pytest.mark.slow
+def test_graph_image_inputs_take_uint8_pixels(base_url: str, graphs_dir: Path) -> None:
+    """encode_key and encode_value take raw UINT8 RGB frames as well, normalised by the server as the contract says."""
+    import tritonclient.http as triton
+
+    client = triton.InferenceServerClient(base_url.removeprefix("http://"))
+    local = OnnxPropagator(resolve_graphs(str(graphs_dir)))
+    frames, mask = clip(1)
+    names = [node.name for node in local.sessions["encode_key"].get_outputs()]
+    pixels = triton.InferInput("image", [1, SIZE, SIZE, 3], "UINT8")
+    pixels.set_data_from_numpy(frames[:1])
+    result = client.infer("propagation-encode_key", [pixels])
+    for name, want in zip(names, local.encode_key(local.prepare(frames[0])), strict=True):
+        np.testing.assert_allclose(result.as_numpy(name), want, rtol=1e-4, atol=1e-5)
+    for graph, accepts in (("encode_key", True), ("encode_value", True), ("segment", False)):
+        parameters = client.get_model_metadata(f"propagation-{graph}")["parameters"]
+        assert ("also_accepts" in parameters) == accepts, (graph, parameters)
+    wrong = triton.InferInput("image", [1, 3, SIZE, SIZE], "UINT8")
+    wrong.set_data_from_numpy(frames[:1].transpose(0, 3, 1, 2).copy())
+    with pytest.raises(triton.InferenceServerException, match=r"\[N, H, W, 3\]"):
+        client.infer("propagation-encode_key", [wrong])
+
+
+@pytest.mark.slow
 def test_graph_v2_mistakes_are_400_naming_the_input(base_url: str) -> None:
     import tritonclient.http as triton
 

@@ -7,18 +7,15 @@ could not start its HAProxy.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from test_serve_cli import endoflow_serve
 
-from pipelines.local_ray import free_port
+from pipelines.local_ray import free_port_block
 from training.export import export_segmenter
 from training.models.unet import Segmenter, UNetConfig
 
@@ -63,30 +60,10 @@ def _running(pid: int) -> bool:
 @pytest.mark.slow
 def test_sigterm_stops_ray_and_haproxy(tmp_path: Path) -> None:
     model = export_segmenter(Segmenter(UNetConfig(base_width=4, depth=2)), tmp_path / "model.onnx", input_size=64)
-    port = free_port()
-    # Serve holds a draining replica 30 s by default so HAProxy stops routing to it first; nothing routes here.
-    env = os.environ | {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
-    log = (tmp_path / "serve.log").open("w")
-    endoflow = Path(sys.executable).parent / "endoflow"  # the venv running the tests
-    server = subprocess.Popen(
-        [str(endoflow), "serve", "--model", str(model), "--port", str(port), "--threads", "1"],
-        cwd=tmp_path,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "endoflow serve did not become healthy"
-            time.sleep(1)
+    port = free_port_block(3)  # HAProxy's stats and metrics take port+1, port+2
+    with endoflow_serve(
+        ["--model", str(model), "--port", str(port), "--threads", "1"], tmp_path / "serve.log"
+    ) as server:
         started = _descendants(server.pid)
         commands = {pid: _command(pid) for pid in started}
         assert any(b"raylet" in c for c in commands.values()), "expected the local Ray under the serve process"
@@ -100,7 +77,3 @@ def test_sigterm_stops_ray_and_haproxy(tmp_path: Path) -> None:
         assert not left, f"still running after SIGTERM: {[commands[pid][:120] for pid in left]}"
         with socket.socket() as sock:
             assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still accepts connections"
-    finally:
-        if server.poll() is None:
-            server.kill()
-        log.close()

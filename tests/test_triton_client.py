@@ -61,6 +61,24 @@ def test_tritonclient_health_metadata_and_infer(base_url: str) -> None:
     assert client.infer("colours", [tensor]).as_numpy("labels").shape == (2, 32, 64)
 
 
+def test_uint8_pixels_and_fp32_give_the_same_labels(base_url: str) -> None:
+    """Raw UINT8 RGB (normalised by the server) and the FP32 a client normalised itself: the same labels."""
+    import tritonclient.http as triton
+
+    client = triton.InferenceServerClient(base_url.removeprefix("http://"))
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (2, 32, 64, 3), dtype=np.uint8)  # at the model's input size: no resize
+    fp32 = triton.InferInput("image", [2, 3, 32, 64], "FP32")
+    fp32.set_data_from_numpy(np.concatenate([normalised(p) for p in pixels]))
+    raw = triton.InferInput("image", [2, 32, 64, 3], "UINT8")
+    raw.set_data_from_numpy(pixels)
+    wanted = [triton.InferRequestedOutput("labels")]
+    from_fp32 = client.infer("colours", [fp32], outputs=wanted).as_numpy("labels")
+    from_uint8 = client.infer("colours", [raw], outputs=wanted).as_numpy("labels")
+    assert len(np.unique(from_fp32)) > 3 and np.array_equal(from_uint8, from_fp32)
+    assert "UINT8" in client.get_model_metadata("colours")["parameters"]["also_accepts"]
+
+
 def test_v2_routes_over_plain_http(base_url: str) -> None:
     with httpx.Client(base_url=base_url, timeout=30) as http:
         assert http.get("/v2/health/live").json() == {"live": True}

@@ -3,6 +3,9 @@
 The contract (read by `serving/`, which never imports torch): input `image` float32 (N, 3, H, W), RGB normalised as
 (pixel/255 − mean)/std; output `logits` float32 (N, C, H, W); N dynamic, H and W dynamic multiples of
 `endoflow.size_multiple`. A parity check runs the same inputs through torch and onnxruntime.
+Raw uint8 RGB stays out of the graph on purpose: one input, one dtype, so float32 clients, the parity check and
+evaluation keep working unchanged; serving/pixels.py normalises uint8 frames exactly as above (bit-identical to a
+float32 client following it), and the v2 metadata says `image` also takes UINT8 [N, H, W, 3].
 """
 
 from __future__ import annotations

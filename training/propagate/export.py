@@ -6,7 +6,9 @@ Files: one directory, three self-contained graphs named `<stem>.encode_key.onnx`
 `<stem>.segment.onnx`; the registry holds them as three models `<NAME>-encode_key`, `<NAME>-encode_value`,
 `<NAME>-segment` with the same alias. Every tensor is float32. H, W: multiples of `endoflow.size_multiple` (16);
 h = H/16, w = W/16 (`endoflow.key_stride` = 16); N ≥ 1 objects; T ≥ 1 memory frames. Dk, Dv, C16, C8, C4 are
-in `endoflow.dims`. Batch axis of the query is always 1.
+in `endoflow.dims`. Batch axis of the query is always 1. Raw uint8 RGB is not a graph input (one dtype per input):
+the server normalises uint8 frames exactly as below (serving/pixels.py), and its v2 models of encode_key and
+encode_value say in their metadata that `image` also takes UINT8 (1, H, W, 3).
 
   encode_key    in   image          (1, 3, H, W)      RGB, (pixel/255 − mean)/std  (`endoflow.normalization`)
                 out  key            (1, Dk, h, w)
