@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
+from serving.resolve import resolve_model
 from training.config import StrictModel
 from training.data import storage
 from training.data.classes import IGNORE_INDEX
@@ -189,3 +190,11 @@ class OnnxReferenceSegmenter:
             e = np.exp(logits - logits.max(1, keepdims=True))
             out.append(e / e.sum(1, keepdims=True))
         return np.concatenate(out).astype(np.float32)
+
+
+def reference_segmenter(
+    ref: str | Path, tracking_uri: str | None = None, threads: int | None = None
+) -> OnnxReferenceSegmenter:
+    """The segmentation ONNX a --segmenter names: a file, a directory holding model.onnx, or models:/NAME@ALIAS
+    (models:/NAME/VERSION) in the registry at `tracking_uri`."""
+    return OnnxReferenceSegmenter(resolve_model(ref, tracking_uri=tracking_uri).path, threads)
