@@ -20,6 +20,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from pipelines.patient_cli import app as patient_app
 from pipelines.propagate_cli import app as propagate_app
 from pipelines.style_cli import app as style_app
 
@@ -221,6 +222,7 @@ app.add_typer(segment_app, name="segment")
 app.add_typer(bench_app, name="bench")
 app.add_typer(propagate_app, name="propagate")
 app.add_typer(style_app, name="style")
+app.add_typer(patient_app, name="patient")
 
 
 @bench_app.command("segment")
