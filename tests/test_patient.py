@@ -233,3 +233,39 @@ def test_a_tiny_patient_run_pseudo_labels_finetunes_registers_and_serves(patient
         frame = (patient["frames"] / "seq0" / "003.png").read_bytes()
         answer = httpx.post(f"{url}/v1/segment", content=frame, timeout=30)
         assert answer.status_code == 200 and answer.content.startswith(b"\x89PNG")
+
+
+@pytest.mark.slow
+def test_a_sweep_over_the_pseudo_label_threshold_runs_the_patient_job(patient, models, ray_session) -> None:
+    from pipelines.sweep_flow import sweep_and_log
+    from training.tune import SweepConfig
+
+    runs = patient["root"] / "sweep-runs"
+    base = {
+        "data": {"frames": str(patient["frames"]), "labels": str(patient["labels"])},
+        "propagation_model": str(models["propagation"]),
+        "segmenter": str(models["segmenter"]),
+        "size": SIZE,
+        "pseudo": {"min_kept": 0.0},
+        "val": {"kind": "sim", "style": "real-like", "count": 4, "size": SIZE},
+        "model": TINY_SEGMENTER,
+        "compute": {"workers": 1, "batch_size": 4, "epochs": 1},
+    }
+    cfg = SweepConfig.model_validate(
+        {
+            "job": "patient",
+            "base": base,
+            "space": {"pseudo.threshold": {"type": "choice", "values": [0.5, 0.9]}},
+            "num_samples": 2,
+            "scheduler": "fifo",
+            "name": "patient-sweep",
+            "runs_dir": str(runs),
+            "tracking": {"tracking_uri": f"sqlite:///{runs / 'mlflow.db'}"},
+        }
+    )
+    result, out_dir = sweep_and_log(cfg)
+    assert [t["status"] for t in result.trials] == ["completed", "completed"], result.trials
+    best = load_config(PatientJobConfig, out_dir / "best_config.yaml")
+    assert best.pseudo.threshold == result.best_params["pseudo.threshold"]
+    for trial in result.trials:  # each trial wrote its own pseudo-labelled set
+        assert (runs / "patient" / f"patient-sweep-{trial['trial_id']}" / "train" / "pseudo_labels.json").is_file()

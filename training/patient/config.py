@@ -13,6 +13,7 @@ size. Only the frames with a label map are labelled; each of them is a key frame
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -27,11 +28,24 @@ from training.segment.config import AugmentConfig
 from training.tracking import TrackingConfig
 
 
+def absolute(path: str | None) -> str | None:
+    """A local path made absolute (Ray Tune trials and Train workers run in their own working directory); refs
+    (models:/..., s3://...) unchanged."""
+    if path is None or "://" in path or path.startswith("models:/"):
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
 class PatientDataConfig(StrictModel):
     frames: str | None = Field(None, description="the patient's frames: a vocalfolds root or a folder of sequences")
     layout: Literal["vocalfolds", "frames"] = "frames"
     sequences: list[str] | None = Field(None, description="sequences to use (default: all), e.g. [seq1, seq2]")
     labels: str | None = Field(None, description="label maps of the K labelled frames, mirroring the frames")
+
+    @model_validator(mode="after")
+    def _absolute(self) -> PatientDataConfig:
+        self.frames, self.labels = absolute(self.frames), absolute(self.labels)
+        return self
 
 
 class PatientPseudoConfig(StrictModel):
@@ -74,6 +88,8 @@ class PatientJobConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> PatientJobConfig:
+        self.propagation_model, self.segmenter = absolute(self.propagation_model), absolute(self.segmenter)
+        self.init_checkpoint = absolute(self.init_checkpoint)
         for multiple in (self.model.size_multiple, KEY_STRIDE):  # the segmenter's and the propagation net's
             if self.size % multiple:
                 raise ValueError(f"size {self.size} must be a multiple of {multiple}")
