@@ -40,7 +40,13 @@ def adapt(
         Path | None, typer.Option(help="YAML DataSpec of labelled frames scored after training")
     ] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS or local)")] = None,
-    fresh: Annotated[bool, typer.Option(help="start over instead of resuming a run of the same name")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="continue a stopped fine-tuning of the same name instead of starting over; only right with the same "
+            "inputs, since the pseudo-labelled set is written anew every time"
+        ),
+    ] = False,
 ) -> None:
     """Check every input, propagate each labelled frame through its sequence both ways, keep the pixels the
     segmenter agrees with, fine-tune (Ray Train), export ONNX, register; pictures and scores in MLflow."""
@@ -69,7 +75,7 @@ def adapt(
     try:
         cfg = load_config(PatientJobConfig, config, overrides)
         eval_spec = load_config(DataSpec, eval_data) if eval_data else None
-        result = adapt_patient(cfg, eval_spec, register_as, fresh, progress=console.print, address=address)
+        result = adapt_patient(cfg, eval_spec, register_as, not resume, progress=console.print, address=address)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
