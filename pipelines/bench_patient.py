@@ -10,8 +10,9 @@ Rows, each `endoflow patient adapt` with another config (the same epochs, size a
                          where the k{K}_labels segmenter agrees, fine-tuned from the k{K}_labels model
     k1_propagated_{enc}  k1_propagated with a pretrained encoder (trained from its pretrained start, not from
                          k1_labels, whose trunk differs); the k1_labels segmenter still judges agreement
-    zero_label           not trained here: the FDA + IRB rung of `make bench-adapt`'s vocalfolds ladder
-                         (runs/bench/adapt-vocalfolds.json, 128 px), when that report exists
+    zero_label*          not trained here: the FDA + IRB rung of `make bench-adapt`'s vocalfolds ladders
+                         (runs/bench/adapt-vocalfolds.json at 128 px, adapt-vocalfolds-lite0-256.json with the
+                         pretrained encoder at 256 px), when those reports exist
 Dice of vocal folds + glottal space (their mean) and the mean over the classes present, on seq4; wall time per row,
 and for the K = 1 chain (k1_labels then k1_propagated) as a patient would run it without a current segmenter.
 """
@@ -44,7 +45,13 @@ class BenchPatientConfig(StrictModel):
     ks: list[int] = Field([1, 3], description="labelled frames per training sequence")
     encoders: list[str] = Field(["lite0-imagenet"], description="pretrained encoders of the extra K = 1 row")
     propagation_model: str = DEFAULT_PROPAGATION_MODEL
-    zero_label_report: str = "runs/bench/adapt-vocalfolds.json"
+    zero_label_reports: dict[str, str] = Field(
+        {
+            "zero_label": "runs/bench/adapt-vocalfolds.json",
+            "zero_label_lite0_256": "runs/bench/adapt-vocalfolds-lite0-256.json",
+        },
+        description="row → a vocalfolds `bench adapt` report whose FDA + IRB rung is that row",
+    )
     epochs: int = Field(20, ge=1)
     size: int = 256
     workers: int = 2
@@ -173,7 +180,8 @@ def run_bench(cfg: BenchPatientConfig, out: Path, progress=print) -> dict:
                 "seconds": {k: round(v, 1) for k, v in result.seconds.items()},
                 "run_id": result.release.run_id,
             }
-    report["rows"]["zero_label"] = zero_label_row(Path(cfg.zero_label_report))
+    for row, path in cfg.zero_label_reports.items():
+        report["rows"][row] = zero_label_row(Path(path))
     report["summary"] = summary(report["rows"])
     report["summary"]["total_seconds"] = round(time.perf_counter() - started_all, 1)
     report["summary"]["load_average_at_end"] = list(os.getloadavg())
@@ -186,11 +194,14 @@ def zero_label_row(path: Path) -> dict:
     """The FDA + IRB rung of the vocalfolds adaptation ladder, taken from its report (not trained here)."""
     if not path.is_file():
         return {"from": str(path), "missing": "run `make bench-adapt` for it"}
-    rung = json.loads(path.read_text())["rungs"].get("irb")
+    ladder = json.loads(path.read_text())
+    rung = ladder["rungs"].get("irb")
     if rung is None:
         return {"from": str(path), "missing": "the report has no irb rung"}
+    config = ladder.get("config", {})
+    setting = f"{config.get('size')} px, encoder {config.get('model', {}).get('encoder', 'scratch')}"
     keys = ("vocal_folds_glottal_mean_dice", "mean_dice", "dice", "seconds")
-    return {"from": f"{path} (rung irb: FDA + IRB, 128 px)"} | {k: rung.get(k) for k in keys}
+    return {"from": f"{path} (rung irb: FDA + IRB, {setting})"} | {k: rung.get(k) for k in keys}
 
 
 def summary(rows: dict) -> dict:

@@ -105,5 +105,7 @@ def test_summary_and_the_zero_label_row(tmp_path) -> None:
     assert result["k1_chain_seconds"] == 600.0 and result["target_k1_propagated_within_15_min"]
     assert "make bench-adapt" in zero_label_row(tmp_path / "absent.json")["missing"]
     report = tmp_path / "adapt.json"
-    report.write_text(json.dumps({"rungs": {"irb": {"vocal_folds_glottal_mean_dice": 0.47, "mean_dice": 0.21}}}))
-    assert zero_label_row(report)["vocal_folds_glottal_mean_dice"] == 0.47
+    ladder = {"rungs": {"irb": {"vocal_folds_glottal_mean_dice": 0.47, "mean_dice": 0.21}}, "config": {"size": 128}}
+    report.write_text(json.dumps(ladder))
+    row = zero_label_row(report)
+    assert row["vocal_folds_glottal_mean_dice"] == 0.47 and "128 px, encoder scratch" in row["from"]
