@@ -105,6 +105,11 @@ bench-adapt: $(STAMP)
 			--set runs_dir=runs/bench/adapt-vocalfolds-lite0-256 --set size=256 --set model.encoder=lite0-imagenet; \
 	else echo "bench-adapt: ../shared/data/vocalfolds absent, embedded ladder only"; fi
 
+# --- a new patient from K labelled frames; needs runs/artifacts/propagate-bench.pt (make bench-propagate) ---
+.PHONY: bench-patient
+bench-patient: $(STAMP)
+	nice -n 10 $(VENV)/bin/endoflow bench patient --out runs/bench/patient.json
+
 # --- serving benchmark: bare onnxruntime vs the service (v2 binary, REST PNG; Ray's proxy, HAProxy, HAProxy with user
 # code on Serve's loop; an echo deployment as the HTTP floor) vs naive FastAPI + torch, at concurrency 1/8/32, plus
 # WebSocket propagation streams (~7 min on 2 cores) ---

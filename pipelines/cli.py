@@ -20,6 +20,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from pipelines.patient_cli import app as patient_app
 from pipelines.propagate_cli import app as propagate_app
 from pipelines.style_cli import app as style_app
 
@@ -232,6 +233,7 @@ app.add_typer(segment_app, name="segment")
 app.add_typer(bench_app, name="bench")
 app.add_typer(propagate_app, name="propagate")
 app.add_typer(style_app, name="style")
+app.add_typer(patient_app, name="patient")
 
 
 @bench_app.command("segment")
@@ -342,6 +344,33 @@ def bench_propagate_command(
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
     console.print_json(json.dumps({k: v for k, v in report.items() if k != "real_sequences"}))
+
+
+@bench_app.command("patient")
+def bench_patient_command(
+    out: Path = Path("runs/bench/patient.json"),
+    propagation_model: Annotated[
+        str, typer.Option(help="trained propagation model (`make bench-propagate` trains the default)")
+    ] = "runs/artifacts/propagate-bench.pt",
+    real_data: Annotated[Path, typer.Option(help="vocalfolds root")] = Path("../shared/data/vocalfolds"),
+    config: ConfigOption = None,
+    set_: SetOption = None,
+) -> None:
+    """A new patient from K labelled frames: K alone, K + propagated pseudo-labels, zero labels, all labels; Dice on
+    a sequence never trained on, and wall time (pipelines/bench_patient.py)."""
+    import json
+
+    from pipelines.bench_patient import BenchPatientConfig, run_bench
+    from training.config import load_config
+
+    options = [f"propagation_model={propagation_model}", f"real_data={real_data}"]
+    cfg = _load(BenchPatientConfig, config, options + (set_ or []), load_config)
+    try:
+        report = run_bench(cfg, out, progress=console.print)
+    except (FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    console.print_json(json.dumps(report["summary"]))
 
 
 def _train_export(cls, train_and_export, config, set_, eval_data, register, address, fresh, workers, gpus_per_worker):

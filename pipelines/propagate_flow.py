@@ -1,7 +1,7 @@
 """Mask propagation end to end: MLflow run → Ray Train job → ONNX export + sequence parity → registry → evaluation.
 
-Also what a --model or --segmenter names, found on disk or in the MLflow registry (`locate_model`,
-`reference_segmenter`); graphs are found by serving's torch-free `resolve_graphs`, the rule serving itself uses.
+What a --model or --segmenter names (`locate_model`, `reference_segmenter`) is looked up in training/ (a Ray Tune
+trial of the patient job needs it too, and nothing imports pipelines); both are re-exported here for the CLI.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from pathlib import Path
 import mlflow
 
 from pipelines.job_run import job_run, log_curves
-from serving.resolve import resolve_model
 from training import tracking
 from training.data.simulator import simulate_sequences
 from training.data.sources import DataSpec
@@ -26,11 +25,12 @@ from training.propagate.export import (
     ExportedGraphs,
     OnnxBackend,
     export_propagation,
-    load_graphs,
 )
-from training.propagate.models import last_weights_path, save_model
-from training.propagate.pseudo_labels import OnnxReferenceSegmenter
+from training.propagate.models import last_weights_path, locate_model, save_model
+from training.propagate.pseudo_labels import reference_segmenter
 from training.propagate.scoring import evaluate_sequences, named_sequences, sequence_parity
+
+__all__ = ["PropagateResult", "locate_model", "reference_segmenter", "train_and_export"]
 
 
 @dataclass
@@ -43,27 +43,6 @@ class PropagateResult:
     train_seconds: float
     parameters: int
     registered_versions: dict[str, str] = field(default_factory=dict)
-
-
-def locate_model(model: str | Path, tracking_uri: str | None = None) -> Path | ExportedGraphs:
-    """What a --model names: a torch checkpoint (.pt: training state or save_model's file), or the three ONNX
-    graphs, on disk (one of them, or their directory) or registered (models:/NAME@ALIAS, `load_graphs`)."""
-    if str(model).startswith("models:/"):
-        return load_graphs(str(model), tracking_uri)
-    path = Path(model).expanduser()
-    if path.suffix != ".pt":
-        return load_graphs(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; expected a propagation checkpoint")
-    return path
-
-
-def reference_segmenter(
-    ref: str | Path, tracking_uri: str | None = None, threads: int | None = None
-) -> OnnxReferenceSegmenter:
-    """The segmentation ONNX a --segmenter names: a file, a directory holding model.onnx, or models:/NAME@ALIAS
-    (models:/NAME/VERSION) in the registry at `tracking_uri`."""
-    return OnnxReferenceSegmenter(resolve_model(ref, tracking_uri=tracking_uri).path, threads)
 
 
 def train_and_export(

@@ -16,6 +16,7 @@ from training.config import CONFIGS_DIR, ConfigError, load_config, load_recipe, 
 from training.data.sources import DataSpec
 from training.loop import ComputeConfig
 from training.models.unet import UNetConfig
+from training.patient.config import PatientJobConfig
 from training.propagate.config import PropagateJobConfig
 from training.segment.config import SegmentJobConfig
 from training.style.translator_config import TranslatorJobConfig
@@ -28,6 +29,7 @@ JOB_BY_PREFIX = {
     "adapt": AdaptJobConfig,
     "style-translator": TranslatorJobConfig,
     "propagate": PropagateJobConfig,
+    "patient": PatientJobConfig,
     "sweep": SweepConfig,
 }
 

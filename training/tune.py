@@ -36,6 +36,8 @@ from training import tracking
 from training.adapt import train as adapt_train
 from training.adapt.config import AdaptJobConfig
 from training.config import ConfigError, StrictModel, load_config, to_yaml
+from training.patient import train as patient_train
+from training.patient.config import PatientJobConfig
 from training.segment import train as segment_train
 from training.segment.config import SegmentJobConfig
 from training.tracking import TrackingConfig
@@ -53,6 +55,7 @@ class Job:
 JOBS: dict[str, Job] = {
     "segment": Job(SegmentJobConfig, segment_train.run),
     "adapt": Job(AdaptJobConfig, adapt_train.run),
+    "patient": Job(PatientJobConfig, patient_train.run),  # every trial propagates again: seconds, then fine-tunes
 }
 
 

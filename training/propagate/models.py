@@ -1,8 +1,8 @@
 """Propagation models as files and as backends: saving a trained network, loading a checkpoint or the three ONNX
 graphs as something `inference.propagate` can run (one model or an ensemble), optionally tuned on each key frame.
 
-Finding what a --model names (a path, a folder of graphs, a models:/ registry ref) is the caller's: it is shared with
-serving's graph lookup, so these functions take the model already located.
+Finding what a --model names (a path, a folder of graphs, a models:/ registry ref) is `locate_model`, which uses
+serving's graph lookup (`load_graphs`); the loaders take the model already located.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from serving.propagation_graphs import graph_metadata
 from training.models.propagation.network import PropagationNet
 from training.propagate.config import PropagateJobConfig
-from training.propagate.export import ExportedGraphs, OnnxBackend
+from training.propagate.export import ExportedGraphs, OnnxBackend, load_graphs
 from training.propagate.inference import MemoryPolicy, TorchBackend
 from training.propagate.key_frame_tuning import KeyFrameTuner, KeyFrameTuning
 
@@ -38,6 +38,19 @@ def save_model(model: torch.nn.Module, cfg: PropagateJobConfig, path: Path) -> P
 def last_weights_path(model_path: Path) -> Path:
     """Where a weight-averaged run's last trained weights are saved, beside the averaged model."""
     return model_path.with_name(f"{model_path.stem}.last-weights.pt")
+
+
+def locate_model(model: str | Path, tracking_uri: str | None = None) -> Path | ExportedGraphs:
+    """What a --model names: a torch checkpoint (.pt: training state or save_model's file), or the three ONNX
+    graphs, on disk (one of them, or their directory) or registered (models:/NAME@ALIAS, `load_graphs`)."""
+    if str(model).startswith("models:/"):
+        return load_graphs(str(model), tracking_uri)
+    path = Path(model).expanduser()
+    if path.suffix != ".pt":
+        return load_graphs(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; expected a propagation checkpoint")
+    return path
 
 
 def load_backend(located: Path | ExportedGraphs, policy: MemoryPolicy, threads: int | None = None):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data.classes import CLASS_COLOURS
+from training.data.classes import CLASS_COLOURS, IGNORE_INDEX
 from training.data.volumes import Volume, slices_as_frames
 from training.visualize import comparison_grid, save_png
 
@@ -27,3 +27,10 @@ def volume_picture(volume: Volume, predicted_xyz: np.ndarray, path: Path, rows: 
     frames = slices_as_frames(volume.hu)
     truth, labels = (np.moveaxis(shown[m], 2, 0) for m in (volume.labels, predicted_xyz))
     return save_png(comparison_grid(frames, {"truth": truth, "propagated": labels}, rows=rows), path)
+
+
+def pseudo_label_picture(frames: np.ndarray, labels: np.ndarray, keep: np.ndarray, path: Path, rows: int = 6) -> Path:
+    """Evenly spaced frames of a pseudo-labelled sequence: the labels where propagation and the segmenter were
+    compared, and the pseudo-labels as trained on, ignored pixels in grey."""
+    kept = np.where(keep, labels, np.uint8(IGNORE_INDEX))
+    return save_png(comparison_grid(frames, {"labels": labels, "kept": kept}, rows=rows), path)

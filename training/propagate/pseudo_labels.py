@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
+from serving.resolve import resolve_model
 from training.config import StrictModel
 from training.data import storage
 from training.data.classes import IGNORE_INDEX
@@ -68,13 +69,25 @@ def mutual_uncertainty(
 
 
 def pseudo_label_sequence(
-    backend, frames_thw3: np.ndarray, reference_probs_tchw: np.ndarray, cfg: PseudoLabelConfig
+    backend,
+    frames_thw3: np.ndarray,
+    reference_probs_tchw: np.ndarray,
+    cfg: PseudoLabelConfig,
+    key_labels: dict[int, np.ndarray] | None = None,
 ) -> SequencePseudoLabels:
+    """key_labels (frame index → a person's label map, e.g. `endoflow patient adapt`'s K labelled frames):
+    propagation starts from these instead of the segmenter's labels of every key_every-th frame, and each is kept
+    whole on its own frame, where it is the truth rather than an estimate."""
     reference_labels = reference_probs_tchw.argmax(1).astype(np.uint8)
-    keys = {k: reference_labels[k] for k in range(0, len(frames_thw3), cfg.key_every)}
+    if key_labels is None:
+        keys = {k: reference_labels[k] for k in range(0, len(frames_thw3), cfg.key_every)}
+    else:
+        keys = key_labels
     propagated, confidence = propagate_from_keys(backend, frames_thw3, keys, cfg.memory)
     uncertainty = mutual_uncertainty(reference_probs_tchw, propagated, confidence)
     keep = uncertainty <= cfg.threshold
+    for index, labels in (key_labels or {}).items():
+        reference_labels[index], keep[index], uncertainty[index] = labels, True, 0.0
     frame_kept = keep.reshape(len(keep), -1).mean(1) >= cfg.min_kept
     return SequencePseudoLabels(reference_labels, keep, uncertainty, frame_kept)
 
@@ -189,3 +202,11 @@ class OnnxReferenceSegmenter:
             e = np.exp(logits - logits.max(1, keepdims=True))
             out.append(e / e.sum(1, keepdims=True))
         return np.concatenate(out).astype(np.float32)
+
+
+def reference_segmenter(
+    ref: str | Path, tracking_uri: str | None = None, threads: int | None = None
+) -> OnnxReferenceSegmenter:
+    """The segmentation ONNX a --segmenter names: a file, a directory holding model.onnx, or models:/NAME@ALIAS
+    (models:/NAME/VERSION) in the registry at `tracking_uri`."""
+    return OnnxReferenceSegmenter(resolve_model(ref, tracking_uri=tracking_uri).path, threads)

@@ -1,0 +1,108 @@
+"""The patient job's config (`endoflow patient adapt`): a new patient's sequences and K labelled frames, the
+propagation model and segmenter that turn them into pseudo-labels, and the fine-tuning that follows — one typed
+object, so that `endoflow sweep` (job: patient) can sweep its thresholds like any other field.
+
+Layouts of `data.frames`:
+- vocalfolds: img/<patient>/<sequence>/<frame>.png (annot/ is not read: the labels come from `data.labels`);
+- frames: one subfolder of frames per sequence (<sequence>/<frame>.png|jpg), or frames directly in the folder (one
+  sequence, named after the folder). Frames are in file-name order.
+`data.labels` mirrors the frames below their root (below img/ for vocalfolds): the label map of frame
+<sequence>/<frame>.png is labels/<sequence>/<frame>.png, class indices 0..6 (training/data/classes.py), the frame's
+size. Only the frames with a label map are labelled; each of them is a key frame that propagation starts from.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from training.config import StrictModel
+from training.data.sources import DataSpec
+from training.loop import ComputeConfig
+from training.models.propagation.network import KEY_STRIDE
+from training.models.unet import UNetConfig
+from training.propagate.inference import MemoryPolicy
+from training.segment.config import AugmentConfig
+from training.tracking import TrackingConfig
+
+
+def absolute(path: str | None) -> str | None:
+    """A local path made absolute (Ray Tune trials and Train workers run in their own working directory); refs
+    (models:/..., s3://...) unchanged."""
+    if path is None or "://" in path or path.startswith("models:/"):
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+class PatientDataConfig(StrictModel):
+    frames: str | None = Field(None, description="the patient's frames: a vocalfolds root or a folder of sequences")
+    layout: Literal["vocalfolds", "frames"] = "frames"
+    sequences: list[str] | None = Field(None, description="sequences to use (default: all), e.g. [seq1, seq2]")
+    labels: str | None = Field(None, description="label maps of the K labelled frames, mirroring the frames")
+
+    @model_validator(mode="after")
+    def _absolute(self) -> PatientDataConfig:
+        self.frames, self.labels = absolute(self.frames), absolute(self.labels)
+        return self
+
+
+class PatientPseudoConfig(StrictModel):
+    """The pseudo-labels of `propagate pseudo-label` (training/propagate/pseudo_labels.py), started from the
+    labelled frames: a pixel is kept where propagation and the segmenter agree with mutual uncertainty ≤
+    threshold; a frame is written when at least min_kept of it is kept."""
+
+    enabled: bool = Field(True, description="false: train on the K labelled frames alone (no propagation)")
+    threshold: float = Field(0.3, ge=0, lt=1, description="largest mutual-agreement uncertainty of a kept pixel")
+    min_kept: float = Field(0.5, ge=0, le=1, description="a frame is written only if this fraction is kept")
+    memory: MemoryPolicy = MemoryPolicy()
+
+
+class PatientJobConfig(StrictModel):
+    name: str = Field("patient", description="Ray Train run name of the fine-tuning; the same name resumes")
+    runs_dir: str = Field("runs", description="Ray storage, MLflow store, the pseudo-labelled set and outputs")
+    data: PatientDataConfig = PatientDataConfig()
+    size: int = Field(256, ge=32, description="frames are resized to size×size for propagation and training")
+    propagation_model: str | None = Field(
+        None, description="a propagation checkpoint .pt, its ONNX graphs, or models:/NAME@ALIAS"
+    )
+    segmenter: str | None = Field(
+        None, description="the current segmenter: segmentation ONNX or models:/NAME@ALIAS (agreement, overlays)"
+    )
+    init_checkpoint: str | None = Field(
+        None, description="segment/adapt checkpoint (state.pt, checkpoint or Ray run dir) to fine-tune from"
+    )
+    pseudo: PatientPseudoConfig = PatientPseudoConfig()
+    labelled_copies: int = Field(
+        4, ge=1, description="each labelled frame enters the training set this many times, beside its pseudo-labels"
+    )
+    sim_share: float = Field(0.0, ge=0, lt=1, description="share of simulator frames in the training set")
+    sim_style: Literal["sim", "real-like"] = "real-like"
+    sim_seed: int = 0
+    val: DataSpec | None = Field(None, description="labelled frames scored every epoch (a sweep's metric)")
+    augment: AugmentConfig = AugmentConfig()
+    model: UNetConfig = UNetConfig()
+    compute: ComputeConfig = ComputeConfig(epochs=10)
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PatientJobConfig:
+        self.propagation_model, self.segmenter = absolute(self.propagation_model), absolute(self.segmenter)
+        self.init_checkpoint = absolute(self.init_checkpoint)
+        for multiple in (self.model.size_multiple, KEY_STRIDE):  # the segmenter's and the propagation net's
+            if self.size % multiple:
+                raise ValueError(f"size {self.size} must be a multiple of {multiple}")
+        if self.val is not None and not self.val.labelled:
+            raise ValueError("val must be labelled: it is scored every epoch")
+        return self
+
+    def missing_inputs(self) -> list[str]:
+        """What a run needs that this config does not name (a recipe may leave them to the command line)."""
+        needed = {
+            "data.frames": self.data.frames,
+            "data.labels": self.data.labels,
+            "propagation_model": self.propagation_model if self.pseudo.enabled else "unused",
+            "segmenter": self.segmenter if self.pseudo.enabled else "unused",
+        }
+        return [key for key, value in needed.items() if not value]
