@@ -16,6 +16,10 @@ import io
 import json
 import os
 import struct
+import subprocess
+import sys
+import time
+import urllib.request
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -207,3 +211,39 @@ def b64(data: bytes) -> str:
 
 def png_array(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)))
+
+
+ENDOFLOW = Path(sys.executable).parent / "endoflow"  # the venv running the tests
+
+
+@contextlib.contextmanager
+def endoflow_serve(args: list[str], log_path: Path, timeout_s: float = 300) -> Iterator[subprocess.Popen]:
+    """`endoflow serve ARGS` in the background until /healthz answers; stopped (SIGTERM) afterwards."""
+    port = int(args[args.index("--port") + 1])
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"  # nothing routes to a stopping replica here
+    }
+    with log_path.open("w") as log:
+        server = subprocess.Popen(
+            [str(ENDOFLOW), "serve", *args], cwd=log_path.parent, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as reply:
+                        if reply.status == 200:
+                            break
+                except OSError:
+                    pass
+                assert server.poll() is None, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, f"not healthy: {log_path.read_text()[-3000:]}"
+                time.sleep(1)
+            yield server
+        finally:
+            if server.poll() is None:
+                server.terminate()
+                try:
+                    server.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    server.kill()

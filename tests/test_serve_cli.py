@@ -10,23 +10,16 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
-import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from test_propagation_serving import b64, clip, graphs_dir, png_array  # noqa: F401 (graphs_dir: a fixture)
-from test_serving import save_model, to_bytes
+from conftest import ENDOFLOW, b64, clip, endoflow_serve, png_array, save_model, to_bytes
 
 from pipelines.ingress import METRICS_OFFSET, STATS_OFFSET
 from pipelines.local_ray import free_port_block
-
-ENDOFLOW = Path(sys.executable).parent / "endoflow"  # the venv running the tests
 
 
 def listening_addresses(port: int) -> set[str]:
@@ -39,39 +32,6 @@ def listening_addresses(port: int) -> set[str]:
             if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
                 found.add(address)
     return found
-
-
-@contextmanager
-def endoflow_serve(args: list[str], log_path: Path, timeout_s: float = 300) -> Iterator[subprocess.Popen]:
-    """`endoflow serve ARGS` in the background until /healthz answers; stopped (SIGTERM) afterwards."""
-    port = int(args[args.index("--port") + 1])
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
-        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"  # nothing routes to a stopping replica here
-    }
-    with log_path.open("w") as log:
-        server = subprocess.Popen(
-            [str(ENDOFLOW), "serve", *args], cwd=log_path.parent, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-        try:
-            deadline = time.monotonic() + timeout_s
-            while True:
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as reply:
-                        if reply.status == 200:
-                            break
-                except OSError:
-                    pass
-                assert server.poll() is None, log_path.read_text()[-3000:]
-                assert time.monotonic() < deadline, f"not healthy: {log_path.read_text()[-3000:]}"
-                time.sleep(1)
-            yield server
-        finally:
-            if server.poll() is None:
-                server.terminate()
-                try:
-                    server.wait(timeout=120)
-                except subprocess.TimeoutExpired:
-                    server.kill()
 
 
 def drive_session(base_url: str) -> None:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_serve_cli import endoflow_serve
+from conftest import endoflow_serve
 
 from pipelines.local_ray import free_port_block
 from training.export import export_segmenter
