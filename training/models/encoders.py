@@ -118,8 +118,9 @@ def _our_name(key: str) -> str:
 
 
 class TFSamePad(nn.Module):
-    """TensorFlow "same" padding for inputs whose side is a multiple of the stride (always so here: inputs are
-    multiples of 32), so the amounts are constants and the exported graph keeps dynamic sizes."""
+    """TensorFlow "same" padding for inputs whose side is a multiple of the stride (always so here: segmenter inputs
+    are multiples of 32, propagation frames of 16, so every stride-2 input is even), so the amounts are constants and
+    the exported graph keeps dynamic sizes."""
 
     def __init__(self, kernel: int, stride: int):
         super().__init__()
