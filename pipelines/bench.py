@@ -100,10 +100,11 @@ def bench_segment(
     with local_ray():
         for name, cfg in jobs.items():
             print(f"[bench] {name}: onnxruntime speed", flush=True)
+            untrained = Segmenter(cfg.model)
             entry = {
                 "starting_weights": encoder_provenance(cfg.model.encoder),
-                "parameters": count_parameters(Segmenter(cfg.model)),
-                "onnx_cpu": onnx_frames_per_second(Segmenter(cfg.model)),
+                "parameters": count_parameters(untrained),
+                "onnx_cpu": onnx_frames_per_second(untrained),
             }
             print(f"[bench] {name}: training {epochs} epochs on {data}", flush=True)
             result = train_and_export(cfg, cfg.val, Path(runs_dir) / "artifacts", fresh=True)

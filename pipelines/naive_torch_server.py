@@ -21,7 +21,7 @@ from training.models.unet import Segmenter, UNetConfig
 
 torch.set_num_threads(int(os.environ.get("ENDOFLOW_NAIVE_THREADS", "1")))
 _checkpoint = torch.load(os.environ["ENDOFLOW_NAIVE_CHECKPOINT"], map_location="cpu", weights_only=True)
-model = Segmenter(UNetConfig.model_validate_json(_checkpoint["config"])).eval()
+model = Segmenter(UNetConfig.model_validate_json(_checkpoint["config"]), pretrained=False).eval()
 model.load_state_dict(_checkpoint["state_dict"])
 SIZE = int(_checkpoint["input_size"])
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)

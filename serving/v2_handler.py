@@ -99,10 +99,11 @@ class V2Handler:
         if unknown := [o for o in wanted if o not in OUTPUTS]:
             raise RequestError(400, f"unknown outputs {unknown}; this model has {list(OUTPUTS)}")
         # Each thread-pool hop costs a context switch (~0.1-1 ms on a busy 2-core box): FP32 tensors only need
-        # checking and small label answers only an argmax, so those run on the event loop; UINT8 images (resize and
-        # normalise) and logits/entropy answers (softmax, megabytes) go to a thread.
+        # checking, UINT8 images already at the model's size only a table lookup (serving/pixels.py), and small label
+        # answers only an argmax, so those run on the event loop; UINT8 images to resize and logits/entropy answers
+        # (softmax, megabytes) go to a thread.
         image = parsed.inputs.get("image")
-        if image is not None and image.dtype == np.float32 and image.nbytes <= INLINE_BYTES:
+        if image is not None and image.nbytes <= INLINE_BYTES and self._cheap_to_prepare(loaded, image):
             batch, size = self._batch(loaded, parsed.inputs)
         else:
             batch, size = await run_in_threadpool(self._batch, loaded, parsed.inputs)
@@ -117,6 +118,13 @@ class V2Handler:
         if wanted == ["labels"] and logits.nbytes <= 2 * INLINE_BYTES:
             return respond()
         return await run_in_threadpool(respond)
+
+    @staticmethod
+    def _cheap_to_prepare(loaded: LoadedModel, image: np.ndarray) -> bool:
+        """FP32 (checked, not transformed), or UINT8 [N, H, W, 3] at the model's input size (no resize)."""
+        if image.dtype == np.float32:
+            return True
+        return image.dtype == np.uint8 and image.ndim == 4 and tuple(image.shape[1:3]) == tuple(loaded.model.input_size)
 
     def _batch(self, loaded: LoadedModel, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, tuple[int, int]]:
         """The v2 "image" input -> (normalised model batch, (H, W) the outputs come back at)."""

@@ -24,7 +24,7 @@ def load_model(state: dict, key: str = "model") -> PropagationNet:
     """The model of a checkpoint state (or of a saved {'model', 'config'} file); `key` "trained_model" picks a
     weight-averaged run's last trained weights."""
     cfg = PropagateJobConfig.model_validate(state["config"])
-    model = PropagationNet(cfg.model)
+    model = PropagationNet(cfg.model, pretrained=False)  # the checkpoint holds every weight
     model.load_state_dict(state[key])
     return model.eval()
 
