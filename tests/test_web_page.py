@@ -4,6 +4,8 @@ on a canvas to the API, shows the overlay and the class areas, and reports a bad
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import tempfile
 import time
@@ -106,19 +108,36 @@ def page(ray_session, tmp_path_factory: pytest.TempPathFactory, request: pytest.
     graphs = request.getfixturevalue("graphs_dir")  # an untrained propagation net, for the clip
     with (
         serving(model, propagation_model=str(graphs)) as url,
-        tempfile.TemporaryDirectory(prefix="efchrome-") as profile,
+        # Chromium's helper processes (crashpad, utility) may still write to the profile after the browser exits,
+        # which once failed the teardown with "Directory not empty"; the profile is scratch, so cleanup may fail.
+        tempfile.TemporaryDirectory(prefix="efchrome-", ignore_cleanup_errors=True) as profile,
     ):
         browser = subprocess.Popen(
             [str(CHROMIUM), *FLAGS, f"--user-data-dir={profile}", f"{url}/"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group, so the helpers are stopped with it
         )
         try:
             with connect(_page_socket(Path(profile), url), max_size=None, open_timeout=20) as socket:
                 yield DevTools(socket)
         finally:
-            browser.terminate()
-            browser.wait(timeout=20)
+            _stop_process_group(browser)
+
+
+def _stop_process_group(process: subprocess.Popen, timeout_s: float = 20.0) -> None:
+    """SIGTERM the browser's whole process group, then SIGKILL whatever is left of it."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            continue
+        if sig == signal.SIGTERM:
+            time.sleep(0.5)  # helpers leave a moment after the browser; then sweep the group
 
 
 def _page_socket(profile: Path, url: str, timeout_s: float = 30.0) -> str:
