@@ -189,6 +189,39 @@ def http_sender(port: int, path: str, body: bytes, headers: dict[str, str]) -> t
     return make_state, send
 
 
+def server_timing_profile(port: int, path: str, body: bytes, headers: dict[str, str], seconds: float = 2.0) -> dict:
+    """Concurrency 1 for `seconds`, each answer's Server-Timing stages (serving/timing.py) kept: the median of each
+    stage, of their sum (the time inside our handler) and of what the client waited beyond it (the HTTP path: the
+    ingress, Serve's proxy or server, the sockets, http.client)."""
+    from serving.timing import HEADER, parse_server_timing
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    client_ms: list[float] = []
+    stages: list[dict[str, float]] = []
+    for _ in range(5):  # connection open, caches hot
+        connection.request("POST", path, body=body, headers=headers)
+        connection.getresponse().read()
+    stop_at = time.monotonic() + seconds
+    while time.monotonic() < stop_at:
+        began = time.perf_counter()
+        connection.request("POST", path, body=body, headers=headers)
+        response = connection.getresponse()
+        response.read()
+        client_ms.append((time.perf_counter() - began) * 1000)
+        if response.status != 200 or response.getheader(HEADER) is None:
+            raise RuntimeError(f"{path} answered {response.status} without {HEADER}")
+        stages.append(parse_server_timing(response.getheader(HEADER)))
+    connection.close()
+    inside = [sum(s.values()) for s in stages]
+    return {
+        "requests": len(client_ms),
+        "client_p50_ms": round(float(np.median(client_ms)), 3),
+        "stages_p50_ms": {name: round(float(np.median([s.get(name, 0.0) for s in stages])), 3) for name in stages[0]},
+        "handler_p50_ms": round(float(np.median(inside)), 3),
+        "http_path_p50_ms": round(float(np.median(np.subtract(client_ms, inside))), 3),
+    }
+
+
 def v2_body(batch: np.ndarray) -> tuple[bytes, dict[str, str]]:
     """A binary v2 request for `batch`: FP32 (N, 3, H, W) normalised, or UINT8 (N, H, W, 3) RGB pixels."""
     spec = {"name": "image", "shape": list(batch.shape), "datatype": "UINT8" if batch.dtype == np.uint8 else "FP32"}
@@ -338,6 +371,10 @@ def bench_service(
         results["paired"] = paired_overhead(send_bare, make_state, send, send_echo)
         _, send_pixel_echo = http_sender(echo_port, echo_route, pixel_body, pixel_headers)
         results["paired_uint8"] = paired_overhead(send_bare_pixels, make_pixel_state, send_pixels, send_pixel_echo)
+        results["profile"] = {
+            "v2": server_timing_profile(port, f"/v2/models/{name}/infer", body, headers),
+            "v2_uint8": server_timing_profile(port, f"/v2/models/{name}/infer", pixel_body, pixel_headers),
+        }
         make_state, send = http_sender(port, "/v1/segment", png_bytes(test_image(size)), {"Content-Type": "image/png"})
         results["rest"] = [closed_loop(make_state, send, c, seconds) for c in levels]
         if propagation:
@@ -405,6 +442,7 @@ def bench_serve(
         report[f"paired_bare_vs_v2_uint8_at_1_{ingress}"] = service["paired_uint8"]
         report[f"c_rest_png_{ingress}"] = service["rest"]
         report[f"paired_bare_vs_v2_at_1_{ingress}"] = service["paired"]
+        report[f"profile_at_1_{ingress}"] = service["profile"]
         if "streams" in service:
             report["propagation_streams_websocket"] = service["streams"]
     log("(d) naive FastAPI + torch eager")
@@ -439,8 +477,27 @@ def _summary(report: dict[str, Any], ingresses: tuple[str, ...]) -> dict[str, An
                 at(f"b_v2_uint8_{ingress}", 8)["throughput_rps"] / max(a8["throughput_rps"], 1e-9), 2
             ),
         }
+        summary[ingress]["where_the_overhead_goes_ms"] = {
+            kind: overhead_breakdown(report[f"profile_at_1_{ingress}"][kind], bare)
+            for kind, bare in (("v2", paired["bare_p50_ms"]), ("v2_uint8", paired_uint8["bare_p50_ms"]))
+        }
     summary["errors"] = sum(r.get("errors", 0) for v in report.values() if isinstance(v, list) for r in v)
     return summary
+
+
+def overhead_breakdown(profile: dict, bare_p50_ms: float) -> dict:
+    """The served p50 minus bare onnxruntime's, split by the Server-Timing profile: our handler's stages other than
+    onnxruntime, onnxruntime's call inside the service against the bare one (threads shared with the server), and
+    the HTTP path outside our handler. The parts are medians of their own, so they add up only roughly."""
+    stages = profile["stages_p50_ms"]
+    ours = {name: ms for name, ms in stages.items() if name != "onnx"}
+    return {
+        "served_p50": profile["client_p50_ms"],
+        "bare_p50": bare_p50_ms,
+        "handler_stages_besides_onnx": ours,
+        "onnx_in_service_minus_bare": round(stages.get("onnx", 0.0) - bare_p50_ms, 3),
+        "http_path": profile["http_path_p50_ms"],
+    }
 
 
 def _wait_port(port: int, timeout_s: float) -> None:

@@ -23,6 +23,7 @@ from serving.limits import Limits
 from serving.loaded import LoadedModel
 from serving.onnx_model import entropy_from_logits, labels_from_logits
 from serving.served_models import ServedModels
+from serving.timing import Stages
 
 FORMATS = ("png", "json", "uncertainty")
 
@@ -70,15 +71,19 @@ class RestHandler:
     async def segment(self, request: Request, output_format: str) -> Response:
         if output_format not in FORMATS:
             raise RequestError(400, f"format must be 'png', 'json' or 'uncertainty', got {output_format!r}")
-        loaded, image, logits = await self._infer(request)
+        stages = Stages()  # the Server-Timing header (serving/timing.py)
+        loaded, image, logits = await self._infer(request, stages)
         size = image.shape[:2]
         if output_format == "json":
-            return JSONResponse(await run_in_threadpool(areas_and_masks, loaded, logits, size))
+            answer = await run_in_threadpool(areas_and_masks, loaded, logits, size)
+            stages.mark("respond")
+            return JSONResponse(answer, headers=stages.header())
         if output_format == "uncertainty":
             png = await run_in_threadpool(entropy_png, logits, size)
         else:
             png = await run_in_threadpool(lambda: encode_png(labels_from_logits(logits, size)[0]))
-        return Response(png, media_type="image/png")
+        stages.mark("respond")
+        return Response(png, media_type="image/png", headers=stages.header())
 
     async def overlay(self, request: Request, alpha: float) -> Response:
         loaded, image, logits = await self._infer(request)
@@ -88,9 +93,13 @@ class RestHandler:
 
         return Response(await run_in_threadpool(render), media_type="image/png")
 
-    async def _infer(self, request: Request) -> tuple[LoadedModel, np.ndarray, np.ndarray]:
-        """The body's image -> (the model it ran on, the image, its logits)."""
+    async def _infer(
+        self, request: Request, stages: Stages | None = None
+    ) -> tuple[LoadedModel, np.ndarray, np.ndarray]:
+        """The body's image -> (the model it ran on, the image, its logits); stages read, decode, queue, onnx."""
+        stages = stages or Stages()
         body = await read_image_body(request, self.limits.max_body_bytes)
+        stages.mark("read")
         loaded = self.models.loaded  # one snapshot: a reload cannot change the model under this request
 
         def prepare() -> tuple[np.ndarray, np.ndarray]:
@@ -98,4 +107,5 @@ class RestHandler:
             return image, loaded.model.preprocess(image[None])
 
         image, batch = await run_in_threadpool(prepare)
-        return loaded, image, await self.batcher.logits(loaded, batch)
+        stages.mark("decode")
+        return loaded, image, await self.batcher.logits(loaded, batch, stages)

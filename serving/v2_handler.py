@@ -23,17 +23,19 @@ from serving.loaded import LoadedModel
 from serving.onnx_model import entropy_from_logits, labels_from_logits
 from serving.raw_model import RawOnnxModel
 from serving.served_models import ServedModels
+from serving.timing import Stages
 
 INLINE_BYTES = 4 * 3 * 512 * 512  # up to one 512x512 FP32 image: cheap enough for the event loop
 OUTPUTS = ("labels", "logits", "entropy")
 
 
-def v2_response(payload: bytes, json_length: int | None) -> Response:
+def v2_response(payload: bytes, json_length: int | None, stages: Stages) -> Response:
+    stages.mark("respond")
+    headers = stages.header()
     if json_length is None:
-        return Response(payload, media_type="application/json")
-    return Response(
-        payload, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(json_length)}
-    )
+        return Response(payload, media_type="application/json", headers=headers)
+    headers["Inference-Header-Content-Length"] = str(json_length)
+    return Response(payload, media_type="application/octet-stream", headers=headers)
 
 
 class V2Handler:
@@ -76,15 +78,18 @@ class V2Handler:
         return {"name": name, "ready": True}
 
     async def infer(self, name: str, version: str | None, request: Request) -> Response:
+        stages = Stages()  # the Server-Timing header (serving/timing.py)
         model = self.model(name, version)
         body = await read_body(request, self.limits.max_body_bytes)
+        stages.mark("read")
         header_length = request.headers.get(v2.HEADER_LENGTH)
         if header_length is None:  # all-JSON tensors can be megabytes of text: parse off the event loop
             parsed = await run_in_threadpool(v2.parse_request, body, None, self.limits.max_tensor_elements)
         else:  # binary tensors are views of the body: parsing is only the small JSON header
             parsed = v2.parse_request(body, header_length, self.limits.max_tensor_elements)
+        stages.mark("parse")
         if isinstance(model, LoadedModel):
-            return v2_response(*await self._segment(model, parsed))
+            return v2_response(*await self._segment(model, parsed, stages), stages)
 
         def run_raw() -> tuple[bytes, int | None]:
             # Not batched: raw graphs take whole tensors of any leading size the graph allows, and the propagation
@@ -92,9 +97,11 @@ class V2Handler:
             outputs = model.infer(parsed.inputs, parsed.outputs)
             return v2.encode_response(model.name, model.version, parsed, outputs)
 
-        return v2_response(*await run_in_threadpool(run_raw))
+        payload, json_length = await run_in_threadpool(run_raw)
+        stages.mark("run")
+        return v2_response(payload, json_length, stages)
 
-    async def _segment(self, loaded: LoadedModel, parsed: v2.InferRequest) -> tuple[bytes, int | None]:
+    async def _segment(self, loaded: LoadedModel, parsed: v2.InferRequest, stages: Stages) -> tuple[bytes, int | None]:
         wanted = parsed.outputs if parsed.outputs is not None else list(OUTPUTS)
         if unknown := [o for o in wanted if o not in OUTPUTS]:
             raise RequestError(400, f"unknown outputs {unknown}; this model has {list(OUTPUTS)}")
@@ -107,7 +114,8 @@ class V2Handler:
             batch, size = self._batch(loaded, parsed.inputs)
         else:
             batch, size = await run_in_threadpool(self._batch, loaded, parsed.inputs)
-        logits = await self.batcher.logits(loaded, batch)
+        stages.mark("prepare")
+        logits = await self.batcher.logits(loaded, batch, stages)
 
         def respond() -> tuple[bytes, int | None]:
             tensors = {"labels": lambda: labels_from_logits(logits, size), "logits": lambda: logits}

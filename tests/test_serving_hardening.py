@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from serving.onnx_model import OnnxSegmenter, choose_providers
+from serving.timing import HEADER, parse_server_timing
 
 TOKEN = "s3cret-token"
 MAX_BODY = 2_000_000
@@ -115,6 +116,28 @@ def test_auth(http: httpx.Client) -> None:
 
 
 @pytest.mark.slow
+def test_answers_say_where_their_time_went(http: httpx.Client) -> None:
+    """Server-Timing on v2 (FP32 and UINT8) and REST answers: every stage of the request, each a duration that
+    fits inside what the client waited; `bench serve` builds its overhead profile from these."""
+    pixels = np.zeros((1, 32, 32, 3), np.uint8)
+    for body, headers in (v2_binary(RED), v2_binary(pixels, "UINT8")):
+        began = time.perf_counter()
+        response = http.post("/v2/models/colours/infer", content=body, headers=headers)
+        waited_ms = (time.perf_counter() - began) * 1000
+        assert response.status_code == 200, response.text
+        stages = parse_server_timing(response.headers[HEADER])
+        assert list(stages) == ["read", "parse", "prepare", "queue", "onnx", "respond"], stages
+        assert all(ms >= 0 for ms in stages.values()) and stages["onnx"] > 0
+        assert sum(stages.values()) <= waited_ms
+    response = http.post("/v1/segment", content=to_bytes(solid("red")))
+    assert list(parse_server_timing(response.headers[HEADER])) == ["read", "decode", "queue", "onnx", "respond"]
+
+
+def test_server_timing_header_parses_as_the_w3c_grammar_allows() -> None:
+    value = 'read;dur=0.041, cache;desc="hit", parse;desc="v2";dur=1.5,onnx;dur=7'
+    assert parse_server_timing(value) == {"read": 0.041, "parse": 1.5, "onnx": 7.0}
+
+
 def test_metrics_and_openapi(http: httpx.Client) -> None:
     http.post("/v1/segment", content=b"")
     good_v2(http)
