@@ -19,11 +19,15 @@ def adapt(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (configs/patient.yaml)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="override, e.g. pseudo.threshold=0.2")] = None,
     frames: Annotated[
-        Path | None, typer.Option(help="the patient's frames: a folder of sequence folders, or a vocalfolds root")
+        Path | None,
+        typer.Option(help="the patient's frames: a folder of sequence folders, a vocalfolds root, videos or a video"),
     ] = None,
-    layout: Annotated[str | None, typer.Option(help="frames (default) or vocalfolds")] = None,
+    layout: Annotated[
+        str | None, typer.Option(help="frames (default), vocalfolds, or video (one file per sequence)")
+    ] = None,
     labels: Annotated[
-        Path | None, typer.Option(help="label maps of the labelled frames, <sequence>/<frame>.png like the frames")
+        Path | None,
+        typer.Option(help="label maps of the labelled frames, <sequence>/<frame>.png like the frames (video: 000042)"),
     ] = None,
     sequences: Annotated[list[str] | None, typer.Option("--sequence", help="a sequence by name, repeatable")] = None,
     propagation_model: Annotated[

@@ -1,7 +1,7 @@
 """What several test modules share: one private local Ray per test session (removed afterwards), the vocalfolds
-root, a hand-built colour-classifier ONNX with serving helpers, and an untrained propagation export with a clip to
-stream through it. Test modules import the plain helpers from here (`from conftest import ...`) and get the fixtures
-from pytest, rather than importing each other.
+root, a hand-built colour-classifier ONNX with serving helpers, an untrained propagation export with a clip to
+stream through it, and a lossless video writer. Test modules import the plain helpers from here
+(`from conftest import ...`) and get the fixtures from pytest, rather than importing each other.
 
 The colour classifier is a 1x1 Conv 3->7 with fixed weights: with mean = std = 0.5 a saturated colour normalises to
 +-1 per channel, and each class's weight row is the +-1 pattern of "its" colour, so that colour scores 3 there and at
@@ -24,6 +24,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import av
 import numpy as np
 import onnx
 import pytest
@@ -203,6 +204,20 @@ def clip(frames: int = 5) -> tuple[np.ndarray, np.ndarray]:
     mask[(x - 20) ** 2 + (y - 32) ** 2 < 100] = 3
     mask[:, :6] = 1
     return np.stack(images), mask
+
+
+def write_video(path: Path, frames: np.ndarray, rate: int = 25) -> Path:
+    """(T, H, W, 3) uint8 RGB frames as an FFV1 video in Matroska: lossless, and stored as RGB (no YUV rounding,
+    no chroma subsampling), so that decoding gives the frames back exactly."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("ffv1", rate=rate)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "bgr0"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())  # flush the encoder
+    return path
 
 
 def b64(data: bytes) -> str:

@@ -1,15 +1,19 @@
-"""`endoflow patient adapt`: bad input fails before anything trains, naming the file; a tiny run on simulator
-sequences (an untrained propagation net, an untrained exported segmenter, a few epochs at 64 px) writes the
-pseudo-labelled set, fine-tunes, registers NAME@ALIAS in a sqlite MLflow and is served from the registry."""
+"""`endoflow patient adapt`: bad input fails before anything trains, naming the file, with the sequences as folders
+of frames or as video files; the same sequences as videos read as the same frames and labels, and propagate into a
+training set; a tiny run on simulator sequences (an untrained propagation net, an untrained exported segmenter, a
+few epochs at 64 px) writes the pseudo-labelled set, fine-tunes, registers NAME@ALIAS in a sqlite MLflow and is
+served from the registry."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import write_video
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -20,9 +24,9 @@ from training.data.simulator import simulate_sequences
 from training.export import export_segmenter
 from training.models.propagation.network import PropagationConfig, PropagationNet
 from training.models.unet import Segmenter, UNetConfig
-from training.patient.config import PatientJobConfig
+from training.patient.config import PatientDataConfig, PatientJobConfig
 from training.patient.inputs import read_patient
-from training.patient.train import finetune_config
+from training.patient.train import finetune_config, prepare
 from training.propagate.config import PropagateJobConfig
 from training.propagate.models import save_model
 
@@ -51,8 +55,23 @@ def patient(tmp_path: Path) -> dict[str, Path]:
 
 
 @pytest.fixture
-def models(tmp_path: Path) -> dict[str, Path]:
-    """An untrained tiny propagation checkpoint and an untrained tiny segmenter ONNX."""
+def video_patient(patient: dict[str, Path]) -> dict[str, Path]:
+    """The same two sequences as lossless videos/seq<s>.mkv, their label maps named by frame index (000000, 000002)."""
+    root, labels = patient["root"] / "videos", patient["root"] / "video-labels"
+    for s in range(2):
+        frames = np.stack([np.asarray(Image.open(f)) for f in sorted((patient["frames"] / f"seq{s}").iterdir())])
+        write_video(root / f"seq{s}.mkv", frames)
+    for s, t in ((0, 0), (1, 2)):
+        labels.joinpath(f"seq{s}").mkdir(parents=True)
+        (labels / f"seq{s}" / f"{t:06d}.png").write_bytes((patient["labels"] / f"seq{s}" / f"{t:03d}.png").read_bytes())
+    return {"frames": root, "labels": labels, "root": patient["root"]}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """An untrained tiny propagation checkpoint and an untrained tiny segmenter ONNX, shared by the module's tests
+    (they only read them): building them is most of a failing-input test's time."""
+    tmp_path = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
     small = PropagationConfig(key_dim=8, value_dim=16, c4=8, c8=16, c16=24, decoder_width=16)
     propagation_cfg = load_config(PropagateJobConfig, None, [f"data.size={SIZE}"]).model_copy(update={"model": small})
@@ -104,24 +123,49 @@ def break_label_without_frame(patient: dict[str, Path]) -> Path:
     return write_png(patient["labels"] / "seq0" / "999.png", np.zeros((SIZE, SIZE), np.uint8))
 
 
+def break_video_label_size(videos: dict[str, Path]) -> Path:
+    return write_png(videos["labels"] / "seq1" / "000002.png", np.zeros((SIZE // 2, SIZE), np.uint8))
+
+
+def break_video(videos: dict[str, Path]) -> Path:
+    bad = videos["frames"] / "seq2.mp4"
+    bad.write_text("not a video\n")
+    return bad
+
+
+def break_video_label_without_frame(videos: dict[str, Path]) -> Path:
+    return write_png(videos["labels"] / "seq0" / "000006.png", np.zeros((SIZE, SIZE), np.uint8))  # frames 0..5
+
+
+def break_video_label_class(videos: dict[str, Path]) -> Path:
+    labels = np.zeros((SIZE, SIZE), np.uint8)
+    labels[5:9, 5:9] = 9  # classes are 0..6
+    return write_png(videos["labels"] / "seq0" / "000000.png", labels)
+
+
 BREAKS = {
-    "label map of another size": (break_label_size, "expected equal sizes"),
-    "unknown class value": (break_label_class, "mask values 9"),
-    "sequence without frames": (break_empty_sequence, "a sequence without frames"),
-    "label map without its frame": (break_label_without_frame, "a label map without its frame"),
+    ("frames", "label map of another size"): (break_label_size, "expected equal sizes"),
+    ("frames", "unknown class value"): (break_label_class, "mask values 9"),
+    ("frames", "sequence without frames"): (break_empty_sequence, "a sequence without frames"),
+    ("frames", "label map without its frame"): (break_label_without_frame, "a label map without its frame"),
+    ("video", "label map of another size"): (break_video_label_size, "its frame (000002 of"),
+    ("video", "unknown class value"): (break_video_label_class, "mask values 9"),
+    ("video", "file that is not a video"): (break_video, "cannot open"),
+    ("video", "label map without its frame"): (break_video_label_without_frame, "(000000..000005)"),
 }
 
 
-@pytest.mark.parametrize("case", list(BREAKS))
-def test_bad_input_fails_before_training_naming_the_file(case, patient, models, monkeypatch) -> None:
+@pytest.mark.parametrize("layout, case", list(BREAKS), ids=[" ".join(key) for key in BREAKS])
+def test_bad_input_fails_before_training_naming_the_file(layout, case, request, models, monkeypatch) -> None:
     def no_training(*args, **kwargs):
         raise AssertionError("training started on bad input")
 
     monkeypatch.setattr("pipelines.patient_flow.train_and_release", no_training)
     monkeypatch.setattr("training.patient.train.pseudo_label_sequence", no_training)  # nor propagation
-    bad, message = BREAKS[case]
-    named = bad(patient)
-    result = CliRunner().invoke(app, adapt_args(patient, models))
+    inputs = request.getfixturevalue("patient" if layout == "frames" else "video_patient")
+    bad, message = BREAKS[layout, case]
+    named = bad(inputs)
+    result = CliRunner().invoke(app, adapt_args(inputs, models, "--layout", layout))
     flat = "".join(result.output.split())  # rich wraps long paths
     assert result.exit_code == 2, result.output
     assert "".join(str(named).split()) in flat and "".join(message.split()) in flat, result.output
@@ -149,6 +193,47 @@ def test_read_patient_keys_labels_by_frame_and_leaves_unlabelled_sequences_out(p
     assert any("seq9: no labelled frame" in note for note in notes)
     with pytest.raises(DataError, match="unknown sequence"):
         read_patient(cfg.data.model_copy(update={"sequences": ["seq7"]}), SIZE)
+
+
+def test_videos_read_as_the_same_frames_and_labels_named_by_index(patient, video_patient) -> None:
+    from_frames = read_patient(PatientDataConfig(frames=str(patient["frames"]), labels=str(patient["labels"])), SIZE)
+    data = PatientDataConfig(frames=str(video_patient["frames"]), labels=str(video_patient["labels"]), layout="video")
+    from_videos = read_patient(data, SIZE)
+    assert [s.name for s in from_videos] == ["seq0", "seq1"]
+    assert from_videos[1].frame_names == [f"{t:06d}" for t in range(FRAMES)]
+    for video, frames in zip(from_videos, from_frames, strict=True):
+        np.testing.assert_array_equal(video.frames, frames.frames)  # lossless video: the very frames
+        assert video.key_labels.keys() == frames.key_labels.keys()
+        for index, labels in frames.key_labels.items():
+            np.testing.assert_array_equal(video.key_labels[index], labels)
+    shutil.rmtree(video_patient["labels"] / "seq0")
+    one = data.model_copy(update={"frames": str(video_patient["frames"] / "seq1.mkv")})  # a single video
+    assert [s.name for s in read_patient(one, SIZE)] == ["seq1"]
+    with pytest.raises(DataError, match="--layout video"):  # videos, but the frames layout asked for
+        read_patient(data.model_copy(update={"layout": "frames"}), SIZE)
+
+
+def test_a_video_patient_propagates_into_a_training_set_named_by_frame_index(video_patient, models) -> None:
+    cfg = PatientJobConfig(
+        data={
+            "frames": str(video_patient["frames"]),
+            "labels": str(video_patient["labels"]),
+            "layout": "video",
+            "sequences": ["seq1"],
+        },
+        propagation_model=str(models["propagation"]),
+        segmenter=str(models["segmenter"]),
+        runs_dir=str(video_patient["root"] / "runs"),
+        size=SIZE,
+        pseudo={"threshold": 0.9, "min_kept": 0.0},  # untrained models: agree loosely, so that frames are kept
+        labelled_copies=1,
+    )
+    patient_set = prepare(cfg, progress=lambda note: None)
+    images, masks = load_frames(folder_index(patient_set.uri))
+    assert patient_set.frames_written == len(images) == FRAMES
+    assert (Path(patient_set.uri) / "images" / "seq1" / f"{FRAMES - 1:06d}.png").is_file()
+    keep = np.asarray(Image.open(Path(patient_set.uri) / "keep" / "seq1" / "000002.png"))
+    assert keep.all()  # the labelled frame is kept whole
 
 
 def test_the_finetuning_is_the_adapt_job_on_the_set_with_a_simulator_share() -> None:

@@ -270,6 +270,15 @@ def load_keep(uri: str) -> np.ndarray:
     return values == 255
 
 
+def resize_square(pixels: np.ndarray, size: int, labels: bool = False) -> np.ndarray:
+    """`pixels` (H, W, 3) or (H, W) uint8 at size×size: bilinear for images, nearest for label maps, so that class
+    indices and IGNORE_INDEX stay intact; unchanged when already that size."""
+    if pixels.shape[:2] == (size, size):
+        return pixels
+    resample = Image.Resampling.NEAREST if labels else Image.Resampling.BILINEAR
+    return np.asarray(Image.fromarray(pixels).resize((size, size), resample))
+
+
 def load_frames(index: FrameIndex, size: int | None = None, workers: int = 8) -> tuple[np.ndarray, np.ndarray | None]:
     """Decode an index: images (N, H, W, 3) uint8 and masks (N, H, W) uint8 class indices (None if unlabelled),
     IGNORE_INDEX where the index's keep mask is 0.
@@ -302,10 +311,9 @@ def load_frames(index: FrameIndex, size: int | None = None, workers: int = 8) ->
                         f"{mask.shape[1]}x{mask.shape[0]}; expected equal sizes"
                     )
                 mask = np.where(keep, mask, np.uint8(IGNORE_INDEX))
-        if size is not None and image.shape[:2] != (size, size):
-            image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
-            if mask is not None:
-                mask = np.asarray(Image.fromarray(mask).resize((size, size), Image.Resampling.NEAREST))
+        if size is not None:
+            image = resize_square(image, size)
+            mask = None if mask is None else resize_square(mask, size, labels=True)
         return image, mask
 
     if workers > 1 and len(index) > 1:

@@ -6,9 +6,12 @@ Layouts of `data.frames`:
 - vocalfolds: img/<patient>/<sequence>/<frame>.png (annot/ is not read: the labels come from `data.labels`);
 - frames: one subfolder of frames per sequence (<sequence>/<frame>.png|jpg), or frames directly in the folder (one
   sequence, named after the folder). Frames are in file-name order.
+- video: one video file per sequence (.mp4, .mkv, ...; training/data/video.py), named by its stem, all in the folder
+  (not in subfolders), or `data.frames` one video file. A video's frames are named by their 0-based index, 000042.
 `data.labels` mirrors the frames below their root (below img/ for vocalfolds): the label map of frame
-<sequence>/<frame>.png is labels/<sequence>/<frame>.png, class indices 0..6 (training/data/classes.py), the frame's
-size. Only the frames with a label map are labelled; each of them is a key frame that propagation starts from.
+<sequence>/<frame>.png is labels/<sequence>/<frame>.png (of a video's frame 42, labels/<video stem>/000042.png),
+class indices 0..6 (training/data/classes.py), the frame's size. Only the frames with a label map are labelled;
+each of them is a key frame that propagation starts from.
 """
 
 from __future__ import annotations
@@ -37,8 +40,10 @@ def absolute(path: str | None) -> str | None:
 
 
 class PatientDataConfig(StrictModel):
-    frames: str | None = Field(None, description="the patient's frames: a vocalfolds root or a folder of sequences")
-    layout: Literal["vocalfolds", "frames"] = "frames"
+    frames: str | None = Field(
+        None, description="the patient's frames: a vocalfolds root, a folder of sequences, of videos, or one video"
+    )
+    layout: Literal["vocalfolds", "frames", "video"] = "frames"
     sequences: list[str] | None = Field(None, description="sequences to use (default: all), e.g. [seq1, seq2]")
     labels: str | None = Field(None, description="label maps of the K labelled frames, mirroring the frames")
 
