@@ -22,7 +22,6 @@ import onnxruntime as ort
 import torch
 from torch.export import Dim
 
-from training.data.classes import CLASS_NAMES
 from training.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from training.models.encoders import encoder_provenance
 from training.models.unet import Segmenter
@@ -47,7 +46,7 @@ class ParityReport:
 def segmentation_metadata(model: Segmenter, input_size: int, run_id: str | None) -> dict[str, str]:
     return {
         "endoflow.task": "segmentation",
-        "endoflow.class_names": json.dumps(list(CLASS_NAMES[: model.cfg.num_classes])),
+        "endoflow.class_names": json.dumps(list(model.cfg.class_names)),
         "endoflow.input_size": json.dumps([input_size, input_size]),
         "endoflow.normalization": json.dumps({"mean": IMAGENET_MEAN, "std": IMAGENET_STD}),
         "endoflow.size_multiple": str(model.cfg.size_multiple),

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import ray.train
 import torch
-from pydantic import Field
+from pydantic import BaseModel, Field
+from pydantic_core import PydanticUndefined
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -198,6 +199,16 @@ def fit(
     return trainer.fit()
 
 
+def saved_model_section(saved: dict | None, model_type: type[BaseModel]) -> dict | None:
+    """A checkpoint's `model` section with the fields added to `model_type` since it was written at their defaults:
+    the behaviour it was trained with (e.g. UNetConfig.label_set, laryngoscopy before it existed)."""
+    if saved is None:
+        return None
+    fields = model_type.model_fields.items()
+    added = {k: f.default for k, f in fields if k not in saved and f.default is not PydanticUndefined}
+    return {**added, **saved}
+
+
 def check_resumable(cfg: Any) -> None:
     """A run of the same name resumes from its last checkpoint: refuse, before any worker starts, one whose `model`
     section differs from this config's, since its weights would not load. Local storage only (an S3 run that does
@@ -209,6 +220,7 @@ def check_resumable(cfg: Any) -> None:
     if not saved:
         return
     trained_with = torch.load(saved[-1], map_location="cpu", weights_only=False)["config"].get("model")
+    trained_with = saved_model_section(trained_with, type(cfg.model))
     wanted = cfg.model_dump(mode="json")["model"]
     if trained_with != wanted:
         raise ConfigError(

@@ -1,7 +1,11 @@
-"""The label set shared by the simulator, the real-data loaders and every exported model.
+"""The label sets: laryngoscopy (shared by the simulator, the real-data loaders and every exported model by default)
+and FLARE22's abdominal organs (CT volumes, `endoflow patient adapt` with `data.layout: flare22`).
 
-Indices match the vocalfolds dataset (Laves et al., IJCARS 2019) so simulated and real label maps mix freely.
+Laryngoscopy indices match the vocalfolds dataset (Laves et al., IJCARS 2019) so simulated and real label maps mix
+freely; FLARE22 indices are its labelsTr/ values, so a segmenter's output is the challenge's own numbering.
 """
+
+from typing import Literal
 
 CLASS_NAMES: tuple[str, ...] = (
     "void",
@@ -27,3 +31,32 @@ CLASS_COLOURS: tuple[tuple[int, int, int], ...] = (
     (0, 200, 80),
     (200, 0, 200),
 )
+
+# FLARE22 (MICCAI 2022 abdominal organ challenge) labelsTr/ values 0..13.
+FLARE22_CLASS_NAMES: tuple[str, ...] = (
+    "background",
+    "liver",
+    "right_kidney",
+    "spleen",
+    "pancreas",
+    "aorta",
+    "inferior_vena_cava",
+    "right_adrenal_gland",
+    "left_adrenal_gland",
+    "gallbladder",
+    "esophagus",
+    "stomach",
+    "duodenum",
+    "left_kidney",
+)
+
+LabelSet = Literal["laryngoscopy", "flare22"]
+LABEL_SETS: dict[str, tuple[str, ...]] = {"laryngoscopy": CLASS_NAMES, "flare22": FLARE22_CLASS_NAMES}
+
+
+def class_names(label_set: str, num_classes: int) -> tuple[str, ...]:
+    """The names of a model's first `num_classes` classes of its label set; ValueError when the set has fewer."""
+    names = LABEL_SETS[label_set]
+    if not 1 <= num_classes <= len(names):
+        raise ValueError(f"num_classes {num_classes}: label set {label_set} has classes 0..{len(names) - 1}")
+    return names[:num_classes]

@@ -11,7 +11,8 @@ Two layouts are read:
   annot/<patient>/<sequence>/<frame>.png holding our class indices directly.
 - folder (as EISOST-style sets ship): images/<name>.png|jpg, masks/<name>.png matched by name, and classes.json
   (or classes.yaml) mapping mask values to our class names: {"0": "void", "255": "vocal_folds"} for grey masks or
-  {"255,0,0": "surgical_tool"} for colour masks. `write_folder_dataset` writes this layout. An optional
+  {"255,0,0": "surgical_tool"} for colour masks (or the names of another label set of classes.py, e.g. FLARE22's
+  organs; one set a folder). `write_folder_dataset` writes this layout. An optional
   keep/<name>.png per frame (255 keep, 0 ignore; `endoflow propagate pseudo-label` writes them) turns the labels
   of ignored pixels into IGNORE_INDEX, which every loss and metric skips: classes.json can only name classes, so
   the ignore value cannot live in masks/ itself.
@@ -31,7 +32,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from training.data import storage
-from training.data.classes import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
+from training.data.classes import CLASS_NAMES, IGNORE_INDEX, LABEL_SETS, NUM_CLASSES
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MASK_SUFFIXES = (".png",)
@@ -69,9 +70,13 @@ class ClassMap:
         values: dict[int, int] = {}
         kinds = set()
         for key, name in mapping.items():
-            if name not in CLASS_NAMES:
-                valid = ", ".join(CLASS_NAMES)
+            if not any(name in names for names in LABEL_SETS.values()):
+                valid = "; ".join(f"{', '.join(names)} ({label_set})" for label_set, names in LABEL_SETS.items())
                 raise DataError(f"{source}: unknown class name {name!r} for mask value {key!r}; valid names: {valid}")
+        names = next((names for names in LABEL_SETS.values() if all(n in names for n in mapping.values())), None)
+        if names is None:
+            raise DataError(f"{source}: mixes the class names of several label sets ({', '.join(LABEL_SETS)})")
+        for key, name in mapping.items():
             parts = [part.strip() for part in str(key).split(",")]
             if len(parts) not in (1, 3) or not all(part.isdigit() for part in parts):
                 raise DataError(f"{source}: bad mask value {key!r}; expected a grey level like '255' or 'r,g,b'")
@@ -80,7 +85,7 @@ class ClassMap:
                 raise DataError(f"{source}: colour {key!r} has a channel above 255")
             kinds.add(len(levels))
             packed = levels[0] if len(levels) == 1 else (levels[0] << 16) | (levels[1] << 8) | levels[2]
-            values[packed] = CLASS_NAMES.index(name)
+            values[packed] = names.index(name)
         if len(kinds) > 1:
             raise DataError(f"{source}: mixes grey levels and 'r,g,b' colours; expected one kind of mask value")
         return cls(values=values, colour=kinds == {3}, source=source)
@@ -343,11 +348,13 @@ def write_folder_dataset(
     masks: np.ndarray | None,
     names: Sequence[str] | None = None,
     workers: int = 8,
+    class_names: Sequence[str] = CLASS_NAMES,
 ) -> None:
     """Write images/<name>.png, masks/<name>.png (our class indices) and classes.json under `out_uri` (local or
     s3://), so that `folder_index(out_uri)` reads the set back, e.g. a style-translated simulator set.
 
     names: one per frame, unique, without suffix ('/' makes subfolders, i.e. sequences); default 000000, 000001...
+    class_names: what mask values 0, 1, ... are (a label set of classes.py), written to classes.json.
     """
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
@@ -356,8 +363,8 @@ def write_folder_dataset(
         masks = np.asarray(masks)
         if masks.shape != images.shape[:3] or masks.dtype != np.uint8:
             raise ValueError(f"masks must be (N, H, W) uint8 matching images {images.shape[:3]}, got {masks.shape}")
-        if masks.size and int(masks.max()) >= NUM_CLASSES:
-            raise ValueError(f"masks hold class {int(masks.max())}; expected indices below {NUM_CLASSES}")
+        if masks.size and int(masks.max()) >= len(class_names):
+            raise ValueError(f"masks hold class {int(masks.max())}; expected indices below {len(class_names)}")
     names = [f"{i:06d}" for i in range(len(images))] if names is None else [str(name) for name in names]
     if len(names) != len(images) or len(set(names)) != len(names):
         raise ValueError(f"names must be {len(images)} unique strings, got {len(names)} ({len(set(names))} unique)")
@@ -370,7 +377,7 @@ def write_folder_dataset(
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(images)))) as pool:
         list(pool.map(write, range(len(images))))
     if masks is not None:
-        identity = {str(index): name for index, name in enumerate(CLASS_NAMES)}
+        identity = {str(index): name for index, name in enumerate(class_names)}
         storage.write_bytes(storage.join(out_uri, "classes.json"), json.dumps(identity, indent=2).encode())
 
 

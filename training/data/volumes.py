@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from training.data.classes import FLARE22_CLASS_NAMES
 from training.data.folders import DataError
 
-ORGANS: dict[int, str] = {1: "liver", 2: "right_kidney", 3: "spleen", 5: "aorta", 13: "left_kidney"}
+ORGANS: dict[int, str] = {label: FLARE22_CLASS_NAMES[label] for label in (1, 2, 3, 5, 13)}  # the simulated ones
 # label: (centre as a fraction of the body box (x, y, z), radii as fractions, HU)
 _ORGAN_SHAPES: dict[int, tuple[tuple[float, float, float], tuple[float, float, float], float]] = {
     1: ((0.30, 0.40, 0.55), (0.22, 0.22, 0.30), 60.0),

@@ -16,9 +16,10 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from torch import nn
 
+from training.data.classes import LABEL_SETS, LabelSet, class_names
 from training.models.encoders import EncoderName, Lite0Trunk
 
 
@@ -31,7 +32,8 @@ class UNetConfig(BaseModel):
     blocks_per_level: int = Field(2, ge=1, le=4)
     stem_stride: Literal[1, 2] = 2
     max_width: int = Field(256, ge=8, description="channel cap for deep levels")
-    num_classes: int = 7
+    label_set: LabelSet = Field("laryngoscopy", description="what the classes are: laryngoscopy, or flare22 organs")
+    num_classes: int = Field(7, description="the label set's first classes; default: all of it")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="before the classifier; enables MC-dropout")
     encoder: EncoderName = Field("scratch", description="scratch, or lite0-imagenet: the pretrained Lite0 trunk")
     encoder_lr_scale: float = Field(1.0, gt=0.0, le=1.0, description="pretrained trunk's lr, relative to compute.lr")
@@ -39,6 +41,22 @@ class UNetConfig(BaseModel):
     encoder_bn: Literal["train", "frozen"] = Field(
         "train", description="pretrained trunk: batch-norm statistics updated (train) or kept from ImageNet (frozen)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _whole_label_set(cls, data: object) -> object:
+        if isinstance(data, dict) and "num_classes" not in data:
+            return {**data, "num_classes": len(LABEL_SETS[data.get("label_set", "laryngoscopy")])}
+        return data
+
+    @model_validator(mode="after")
+    def _classes_in_label_set(self) -> UNetConfig:
+        class_names(self.label_set, self.num_classes)  # ValueError past the set's classes
+        return self
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return class_names(self.label_set, self.num_classes)
 
     @property
     def size_multiple(self) -> int:

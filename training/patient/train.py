@@ -73,6 +73,7 @@ def check_init_checkpoint(cfg: PatientJobConfig) -> None:
         return
     state_file = loop.checkpoint_state_file(cfg.init_checkpoint)
     saved = torch.load(state_file, map_location="cpu", weights_only=False)["config"]["model"]
+    saved = loop.saved_model_section(saved, type(cfg.model))
     ours = cfg.model.model_dump(mode="json")
     differing = sorted(k for k in ours if k != "dropout" and saved.get(k) != ours[k])
     if differing:

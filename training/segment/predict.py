@@ -28,10 +28,12 @@ def score(model: torch.nn.Module, images_nhwc: np.ndarray, masks_nhw: np.ndarray
     """Per-class and mean Dice/IoU over all frames (pixels labelled IGNORE_INDEX left out), and the predictions
     (for overlays)."""
     predictions = predict_labels(model, images_nhwc)
-    scores = SegmentationScores(CLASS_NAMES[: model_classes(model)], ignore_index=IGNORE_INDEX)
+    scores = SegmentationScores(model_class_names(model), ignore_index=IGNORE_INDEX)
     scores.update(masks_nhw, predictions)
     return scores.summary(), predictions
 
 
-def model_classes(model: torch.nn.Module) -> int:
-    return getattr(getattr(model, "cfg", None), "num_classes", len(CLASS_NAMES))
+def model_class_names(model: torch.nn.Module) -> tuple[str, ...]:
+    """A segmenter's class names (its UNetConfig's label set); the laryngoscopy set for a model without one."""
+    cfg = getattr(model, "cfg", None)
+    return cfg.class_names if cfg is not None and hasattr(cfg, "class_names") else CLASS_NAMES
