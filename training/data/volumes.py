@@ -127,9 +127,13 @@ def case_index(root: Path) -> list[tuple[str, Path, Path | None]]:
     cases = []
     for image in images:
         case = image.name.split(".nii")[0].removesuffix("_0000")
-        label = next(iter(sorted((root / "labelsTr").glob(f"{case}.nii*"))), None)
-        cases.append((case, image, label))
+        cases.append((case, image, label_file(root, case)))
     return cases
+
+
+def label_file(root: Path, case: str) -> Path | None:
+    """<root>/labelsTr/<case>.nii.gz (or .nii) when it exists."""
+    return next(iter(sorted((Path(root) / "labelsTr").glob(f"{case}.nii*"))), None)
 
 
 def read_case(image_path: Path, label_path: Path | None = None) -> Volume:

@@ -230,13 +230,21 @@ def propagate_volume(
 ) -> np.ndarray:
     """Labels (X, Y, Z) uint8 of a CT volume from annotated (or key) axial slices z → (X, Y) labels: slices are
     windowed, resized to size×size, propagated both ways from each key slice, and resized back."""
-    from training.data.volumes import slices_as_frames
-
-    x, y, z = hu_xyz.shape
-    bad = [k for k in key_slices if not 0 <= k < z]
-    if bad:
-        raise ValueError(f"key slice(s) {bad} outside the volume's {z} slices")
-    frames = resize_frames(slices_as_frames(hu_xyz), size)
-    keys = {k: resize_labels(labels[None], size, size)[0] for k, labels in key_slices.items()}
+    x, y, _ = hu_xyz.shape
+    frames, keys = volume_frames(hu_xyz, key_slices, size)
     labels, _ = propagate_from_keys(backend, frames, keys, policy)
     return np.moveaxis(resize_labels(labels, x, y), 0, 2)
+
+
+def volume_frames(
+    hu_xyz: np.ndarray, key_slices: dict[int, np.ndarray], size: int
+) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """A CT volume as propagation sees it: its axial slices as (Z, size, size, 3) uint8 frames (windowed, grey) and
+    the key slices' (X, Y) labels resized to size×size; ValueError for a key slice outside the volume."""
+    from training.data.volumes import slices_as_frames
+
+    bad = [k for k in key_slices if not 0 <= k < hu_xyz.shape[2]]
+    if bad:
+        raise ValueError(f"key slice(s) {bad} outside the volume's {hu_xyz.shape[2]} slices")
+    frames = resize_frames(slices_as_frames(hu_xyz), size)
+    return frames, {k: resize_labels(labels[None], size, size)[0] for k, labels in key_slices.items()}

@@ -4,7 +4,8 @@ agree with low uncertainty; frames with too few kept pixels are dropped.
 
 Uncertainty per pixel: 1 − ½(p_ref + p_prop) of the shared label where the two labels agree, 1 where they differ
 (p_ref: the segmenter's softmax probability, p_prop: the propagation's). Kept: uncertainty ≤ `threshold`, the
-sweep parameter (below 1, so that disagreeing pixels are never kept).
+sweep parameter (below 1, so that disagreeing pixels are never kept). Without a segmenter (`endoflow patient adapt`
+with `pseudo.agreement: propagation`), 1 − p_prop: the propagation's confidence alone.
 
 Output: the folder layout training/data/folders.py reads (images/, masks/, classes.json, one subfolder per
 sequence), plus keep/<sequence>/<frame>.png — 255 where a pixel is kept, 0 where it must be ignored — and
@@ -19,7 +20,7 @@ J&F evaluation, which needs dense labels, refuses it.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from pydantic import Field
 from serving.resolve import resolve_model
 from training.config import StrictModel
 from training.data import storage
-from training.data.classes import IGNORE_INDEX
+from training.data.classes import CLASS_NAMES, IGNORE_INDEX
 from training.data.folders import _png, folder_index, vocalfolds_index, write_folder_dataset
 from training.data.sources import DataSpec
 from training.propagate.inference import MemoryPolicy, propagate_from_keys
@@ -48,7 +49,7 @@ class PseudoLabelConfig(StrictModel):
 
 @dataclass
 class SequencePseudoLabels:
-    labels: np.ndarray  # (T, H, W) uint8: the agreed label where kept, the segmenter's elsewhere
+    labels: np.ndarray  # (T, H, W) uint8: the agreed label where kept, the segmenter's (or propagated) elsewhere
     keep: np.ndarray  # (T, H, W) bool
     uncertainty: np.ndarray  # (T, H, W) float32
     frame_kept: np.ndarray  # (T,) bool
@@ -71,25 +72,32 @@ def mutual_uncertainty(
 def pseudo_label_sequence(
     backend,
     frames_thw3: np.ndarray,
-    reference_probs_tchw: np.ndarray,
+    reference_probs_tchw: np.ndarray | None,
     cfg: PseudoLabelConfig,
     key_labels: dict[int, np.ndarray] | None = None,
 ) -> SequencePseudoLabels:
     """key_labels (frame index → a person's label map, e.g. `endoflow patient adapt`'s K labelled frames):
     propagation starts from these instead of the segmenter's labels of every key_every-th frame, and each is kept
-    whole on its own frame, where it is the truth rather than an estimate."""
-    reference_labels = reference_probs_tchw.argmax(1).astype(np.uint8)
+    whole on its own frame, where it is the truth rather than an estimate. Without reference probabilities (no
+    segmenter yet, e.g. a first CT patient) the propagation's own confidence decides: uncertainty 1 − p_prop, the
+    propagated labels throughout; key_labels are then needed."""
+    if reference_probs_tchw is None and key_labels is None:
+        raise ValueError("pseudo-labels without a reference segmenter need key_labels to propagate from")
+    reference_labels = None if reference_probs_tchw is None else reference_probs_tchw.argmax(1).astype(np.uint8)
     if key_labels is None:
         keys = {k: reference_labels[k] for k in range(0, len(frames_thw3), cfg.key_every)}
     else:
         keys = key_labels
     propagated, confidence = propagate_from_keys(backend, frames_thw3, keys, cfg.memory)
-    uncertainty = mutual_uncertainty(reference_probs_tchw, propagated, confidence)
+    if reference_labels is None:
+        labels, uncertainty = propagated, (1 - confidence).astype(np.float32)
+    else:
+        labels, uncertainty = reference_labels, mutual_uncertainty(reference_probs_tchw, propagated, confidence)
     keep = uncertainty <= cfg.threshold
-    for index, labels in (key_labels or {}).items():
-        reference_labels[index], keep[index], uncertainty[index] = labels, True, 0.0
+    for index, truth in (key_labels or {}).items():
+        labels[index], keep[index], uncertainty[index] = truth, True, 0.0
     frame_kept = keep.reshape(len(keep), -1).mean(1) >= cfg.min_kept
-    return SequencePseudoLabels(reference_labels, keep, uncertainty, frame_kept)
+    return SequencePseudoLabels(labels, keep, uncertainty, frame_kept)
 
 
 def truth_check(truth_thw: np.ndarray, result: SequencePseudoLabels) -> dict:
@@ -106,9 +114,13 @@ def truth_check(truth_thw: np.ndarray, result: SequencePseudoLabels) -> dict:
 
 
 def write_pseudo_dataset(
-    out_uri: str, sequences: dict[str, tuple[np.ndarray, list[str], SequencePseudoLabels]], cfg: PseudoLabelConfig
+    out_uri: str,
+    sequences: dict[str, tuple[np.ndarray, list[str], SequencePseudoLabels]],
+    cfg: PseudoLabelConfig,
+    class_names: Sequence[str] = CLASS_NAMES,
 ) -> dict:
-    """Write kept frames of every sequence (name → (frames, frame names, pseudo-labels)); returns the summary."""
+    """Write kept frames of every sequence (name → (frames, frame names, pseudo-labels)); returns the summary.
+    class_names: the label set the labels index (classes.json)."""
     images, masks, names, keeps, report = [], [], [], [], {}
     for sequence, (frames, frame_names, result) in sequences.items():
         kept_frames = np.flatnonzero(result.frame_kept)
@@ -123,7 +135,7 @@ def write_pseudo_dataset(
         }
     if not images:
         raise ValueError(f"no frame kept at threshold {cfg.threshold} (min_kept {cfg.min_kept}); raise the threshold")
-    write_folder_dataset(out_uri, np.stack(images), np.stack(masks), names)
+    write_folder_dataset(out_uri, np.stack(images), np.stack(masks), names, class_names=class_names)
     for name, keep in zip(names, keeps, strict=True):
         storage.write_bytes(storage.join(out_uri, "keep", f"{name}.png"), _png(keep.astype(np.uint8) * 255))
     summary = {
