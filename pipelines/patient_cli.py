@@ -23,7 +23,8 @@ def adapt(
         typer.Option(help="the patient's frames: a folder of sequence folders, a vocalfolds root, videos or a video"),
     ] = None,
     layout: Annotated[
-        str | None, typer.Option(help="frames (default), vocalfolds, or video (one file per sequence)")
+        str | None,
+        typer.Option(help="frames (default), vocalfolds, video (one file per sequence), or flare22 (CT volumes)"),
     ] = None,
     labels: Annotated[
         Path | None,

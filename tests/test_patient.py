@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import write_video
 from PIL import Image
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from pipelines.cli import app
 from training.config import load_config
@@ -155,17 +155,23 @@ BREAKS = {
 }
 
 
-@pytest.mark.parametrize("layout, case", list(BREAKS), ids=[" ".join(key) for key in BREAKS])
-def test_bad_input_fails_before_training_naming_the_file(layout, case, request, models, monkeypatch) -> None:
+def invoke_without_training(monkeypatch: pytest.MonkeyPatch, args: list[str]) -> Result:
+    """`endoflow ARGS` with training and propagation made to fail the test if they start."""
+
     def no_training(*args, **kwargs):
         raise AssertionError("training started on bad input")
 
     monkeypatch.setattr("pipelines.patient_flow.train_and_release", no_training)
     monkeypatch.setattr("training.patient.train.pseudo_label_sequence", no_training)  # nor propagation
+    return CliRunner().invoke(app, args)
+
+
+@pytest.mark.parametrize("layout, case", list(BREAKS), ids=[" ".join(key) for key in BREAKS])
+def test_bad_input_fails_before_training_naming_the_file(layout, case, request, models, monkeypatch) -> None:
     inputs = request.getfixturevalue("patient" if layout == "frames" else "video_patient")
     bad, message = BREAKS[layout, case]
     named = bad(inputs)
-    result = CliRunner().invoke(app, adapt_args(inputs, models, "--layout", layout))
+    result = invoke_without_training(monkeypatch, adapt_args(inputs, models, "--layout", layout))
     flat = "".join(result.output.split())  # rich wraps long paths
     assert result.exit_code == 2, result.output
     assert "".join(str(named).split()) in flat and "".join(message.split()) in flat, result.output

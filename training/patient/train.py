@@ -1,8 +1,8 @@
-"""The patient job: a patient's labelled frames propagated through their sequences, pseudo-labels kept where the
-propagation and the current segmenter agree (training/propagate/pseudo_labels.py, as `propagate pseudo-label`),
-written as a folder set with keep/ masks, then the segmenter fine-tuned on it by the adapt job (Ray Train), with
-no style transfer, IRB or self-training: the patient's own frames are the labelled source, simulator frames join
-them at `sim_share`.
+"""The patient job: a patient's labelled frames (or CT slices) propagated through their sequences (or volumes),
+pseudo-labels kept where the propagation and the current segmenter agree, or where propagation alone is confident
+(training/propagate/pseudo_labels.py, as `propagate pseudo-label`), written as a folder set with keep/ masks, then
+the segmenter fine-tuned on it by the adapt job (Ray Train), with no style transfer, IRB or self-training: the
+patient's own frames are the labelled source, simulator frames join them at `sim_share`.
 
 `prepare` reads and checks every input, then writes the training set; `finetune_config` is the adapt job that trains
 on it; `run(cfg, tracking_uri)` does both, the entry point `endoflow sweep` (job: patient) calls per trial.
@@ -25,6 +25,7 @@ from training.config import ConfigError
 from training.data.sources import DataSpec
 from training.patient.config import PatientJobConfig
 from training.patient.inputs import PatientSequence, read_patient
+from training.patient.volumes import read_volumes
 from training.propagate.models import load_backend, locate_model
 from training.propagate.pseudo_labels import (
     OnnxReferenceSegmenter,
@@ -83,6 +84,16 @@ def check_init_checkpoint(cfg: PatientJobConfig) -> None:
         )
 
 
+def check_reference_classes(cfg: PatientJobConfig, reference: OnnxReferenceSegmenter, frame: np.ndarray) -> None:
+    """The segmenter must answer with the model's classes (agreement compares labels; the pictures show them)."""
+    classes = reference(frame).shape[1]
+    if classes != cfg.model.num_classes:
+        raise ConfigError(
+            f"segmenter {cfg.segmenter}: {classes} classes, but model has {cfg.model.num_classes} "
+            f"({cfg.model.label_set}); expected a segmenter of the same label set"
+        )
+
+
 def prepare(
     cfg: PatientJobConfig, tracking_uri: str | None = None, progress: Callable[[str], None] = print
 ) -> PatientSet:
@@ -90,11 +101,15 @@ def prepare(
     missing = cfg.missing_inputs()
     if missing:
         raise ConfigError(f"patient job: {', '.join(missing)} not set")
-    sequences = read_patient(cfg.data, cfg.size, progress)
+    if cfg.data.layout == "flare22":
+        sequences = read_volumes(cfg.data, cfg.size, cfg.model.class_names, progress)
+    else:
+        sequences = read_patient(cfg.data, cfg.size, progress)
     check_init_checkpoint(cfg)
     backend = reference = None
     if cfg.segmenter:
         reference = reference_segmenter(cfg.segmenter, tracking_uri)
+        check_reference_classes(cfg, reference, sequences[0].frames[:1])
     if cfg.pseudo.enabled:
         backend = load_backend(locate_model(cfg.propagation_model, tracking_uri), cfg.pseudo.memory)
 
@@ -103,7 +118,7 @@ def prepare(
     pseudo = PseudoLabelConfig(threshold=cfg.pseudo.threshold, min_kept=cfg.pseudo.min_kept, memory=cfg.pseudo.memory)
     for sequence in sequences:
         if cfg.pseudo.enabled:
-            probs = reference(sequence.frames)
+            probs = reference(sequence.frames) if cfg.pseudo.agreement == "segmenter" else None
             result = pseudo_label_sequence(backend, sequence.frames, probs, pseudo, sequence.key_labels)
             written[sequence.name] = (sequence.frames, sequence.frame_names, result)
             progress(
@@ -119,7 +134,7 @@ def prepare(
             written[f"{sequence.name}{COPY_SUFFIX}{copy}"] = labelled_only(sequence)
     out = training_set_uri(cfg)
     shutil.rmtree(out, ignore_errors=True)  # a set of an earlier run must not leave frames behind
-    summary = write_pseudo_dataset(str(out), written, pseudo)
+    summary = write_pseudo_dataset(str(out), written, pseudo, cfg.model.class_names)
     summary["key_frames"] = "the labelled frames (key_every unused), each written labelled_copies times"
     progress(f"training set: {summary['frames_written']} frames → {out}")
     return PatientSet(str(out), summary, sequences, results, reference)
