@@ -118,10 +118,11 @@ class PatientJobConfig(StrictModel):
     @classmethod
     def _organs_for_volumes(cls, values: object) -> object:
         """CT volumes are labelled with organs: layout flare22 sets model.label_set unless the recipe names one."""
-        if not isinstance(values, dict) or not isinstance(values.get("data"), dict):
+        if not isinstance(values, dict):
             return values
-        model = values.get("model", {})
-        if values["data"].get("layout") == "flare22" and isinstance(model, dict) and "label_set" not in model:
+        data, model = values.get("data"), values.get("model", {})
+        layout = data.get("layout") if isinstance(data, dict) else getattr(data, "layout", None)
+        if layout == "flare22" and isinstance(model, dict) and "label_set" not in model:
             return {**values, "model": {**model, "label_set": "flare22"}}
         return values
 
