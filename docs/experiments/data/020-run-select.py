@@ -1,6 +1,10 @@
 """Experiment 15 driver (selection, then decision). Usage: python run.py select|decide"""
-import json, sys, time
+
+import json
+import sys
+import time
 from pathlib import Path
+
 from pipelines.local_ray import local_ray
 from pipelines.segment_flow import train_and_export
 from training.data.sources import DataSpec
@@ -17,21 +21,37 @@ CANDIDATES = {
     "C": UNetConfig(encoder="lite0-imagenet", encoder_bn="frozen"),
 }
 
+
 def one(name, model, train_seqs, eval_seqs, seed):
     train = DataSpec(kind="vocalfolds", uri=ROOT, sequences=train_seqs)
     evaluate = DataSpec(kind="vocalfolds", uri=ROOT, sequences=eval_seqs)
-    cfg = SegmentJobConfig(name=name, runs_dir="runs/exp015", source=train, val=evaluate, model=model,
-                           compute=ComputeConfig(epochs=30, workers=2, batch_size=4, seed=seed),
-                           tracking=TrackingConfig(experiment="endoflow-exp015"))
+    cfg = SegmentJobConfig(
+        name=name,
+        runs_dir="runs/exp015",
+        source=train,
+        val=evaluate,
+        model=model,
+        compute=ComputeConfig(epochs=30, workers=2, batch_size=4, seed=seed),
+        tracking=TrackingConfig(experiment="endoflow-exp015"),
+    )
     t = time.time()
     r = train_and_export(cfg, evaluate, OUT / "artifacts", fresh=True)
     d = r.summary["dice"]
-    row = {"name": name, "mean_dice": r.summary["mean_dice"], "vf_gs": (d["vocal folds"] + d["glottal space"]) / 2
-           if d.get("vocal folds") is not None and d.get("glottal space") is not None else None,
-           "dice": d, "train_seconds": round(r.train_seconds), "wall": round(time.time() - t), "run_id": r.run_id}
+    row = {
+        "name": name,
+        "mean_dice": r.summary["mean_dice"],
+        "vf_gs": (d["vocal folds"] + d["glottal space"]) / 2
+        if d.get("vocal folds") is not None and d.get("glottal space") is not None
+        else None,
+        "dice": d,
+        "train_seconds": round(r.train_seconds),
+        "wall": round(time.time() - t),
+        "run_id": r.run_id,
+    }
     with open(OUT / "results.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
     print("RESULT", json.dumps(row), flush=True)
+
 
 if __name__ == "__main__":
     with local_ray():
