@@ -36,8 +36,8 @@ sysdeps:
 	fi
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check training serving pipelines tests
-	$(VENV)/bin/ruff format --check training serving pipelines tests
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: $(STAMP)
 	$(VENV)/bin/endoflow bench segment --out runs/bench/segment.json
