@@ -86,18 +86,18 @@ class RestHandler:
         return Response(png, media_type="image/png", headers=stages.header())
 
     async def overlay(self, request: Request, alpha: float) -> Response:
-        loaded, image, logits = await self._infer(request)
+        stages = Stages()
+        loaded, image, logits = await self._infer(request, stages)
 
         def render() -> bytes:
             return encode_png(overlay(image, labels_from_logits(logits, image.shape[:2])[0], loaded.palette, alpha))
 
-        return Response(await run_in_threadpool(render), media_type="image/png")
+        png = await run_in_threadpool(render)
+        stages.mark("respond")
+        return Response(png, media_type="image/png", headers=stages.header())
 
-    async def _infer(
-        self, request: Request, stages: Stages | None = None
-    ) -> tuple[LoadedModel, np.ndarray, np.ndarray]:
+    async def _infer(self, request: Request, stages: Stages) -> tuple[LoadedModel, np.ndarray, np.ndarray]:
         """The body's image -> (the model it ran on, the image, its logits); stages read, decode, queue, onnx."""
-        stages = stages or Stages()
         body = await read_image_body(request, self.limits.max_body_bytes)
         stages.mark("read")
         loaded = self.models.loaded  # one snapshot: a reload cannot change the model under this request

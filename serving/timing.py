@@ -5,7 +5,7 @@ that says which part of the served latency is ours and which is the HTTP path in
 Stages of a v2 segmentation request: read (the body off the socket), parse (the v2 header and tensor views),
 prepare (checks and normalisation), queue (waiting for the batch queue), onnx (onnxruntime, the whole batch's call),
 respond (argmax and encoding). A raw propagation graph has read, parse, run (the graph and the encoding) and
-respond; REST `/v1/segment` read, decode, queue, onnx and respond.
+respond; REST `/v1/segment` and `/v1/overlay` read, decode, queue, onnx and respond.
 """
 
 from __future__ import annotations
