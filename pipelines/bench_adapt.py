@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 from pydantic import Field
 
 from training.adapt import train as adapt_train
@@ -33,6 +32,7 @@ from training.config import StrictModel
 from training.data.classes import GLOTTAL_SPACE, VOCAL_FOLDS
 from training.data.sources import DataSpec, load_data
 from training.loop import ComputeConfig
+from training.metrics import vocal_folds_glottal_dice
 from training.models.encoders import encoder_provenance
 from training.models.translator import TranslatorConfig
 from training.models.unet import UNetConfig
@@ -208,11 +208,11 @@ def run_bench(cfg: BenchAdaptConfig, out: Path, progress=print) -> dict:
             trained = runner(job, tracking_uri)
             summary, _ = score(trained.model, images, masks)
             dice = summary["dice"]
-            foreground = [dice[name] for name in ("vocal_folds", "glottal_space") if dice.get(name) is not None]
+            vf_gs = vocal_folds_glottal_dice(dice)
             report["rungs"][rung] = {
                 "mean_dice": round(summary["mean_dice"], 4),
                 "dice": {k: (None if v is None else round(v, 4)) for k, v in dice.items()},
-                "vocal_folds_glottal_mean_dice": round(float(np.mean(foreground)), 4) if foreground else None,
+                "vocal_folds_glottal_mean_dice": None if vf_gs is None else round(vf_gs, 4),
                 "seconds": round(time.perf_counter() - started, 1),
             }
             progress(f"[bench adapt] {rung}: mean Dice {summary['mean_dice']:.4f}")

@@ -31,6 +31,7 @@ from pydantic import Field
 from training.config import StrictModel, apply_override, load_config
 from training.data.folders import vocalfolds_index
 from training.data.sources import DataSpec
+from training.metrics import vocal_folds_glottal_dice
 from training.patient.config import PatientJobConfig
 
 DEFAULT_PROPAGATION_MODEL = "runs/artifacts/propagate-bench.pt"
@@ -170,9 +171,9 @@ def run_bench(cfg: BenchPatientConfig, out: Path, progress=print) -> dict:
             progress(f"[bench patient] {row} ({time.perf_counter() - started_all:.0f}s so far)")
             result = adapt_patient(job, bench_plan.evaluate, fresh=True, progress=progress)
             dice = result.release.summary["dice"]
-            foreground = [dice[c] for c in ("vocal_folds", "glottal_space") if dice.get(c) is not None]
+            vf_gs = vocal_folds_glottal_dice(dice)
             report["rows"][row] = {
-                "vocal_folds_glottal_mean_dice": round(sum(foreground) / len(foreground), 4) if foreground else None,
+                "vocal_folds_glottal_mean_dice": None if vf_gs is None else round(vf_gs, 4),
                 "mean_dice": round(result.release.summary["mean_dice"], 4),
                 "dice": {k: (None if v is None else round(v, 4)) for k, v in dice.items()},
                 "frames_written": result.frames_written,

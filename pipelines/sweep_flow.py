@@ -7,6 +7,8 @@ Used by `endoflow sweep`; the Tune plumbing lives in `training/tune.py`. Everyth
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 
 import mlflow
@@ -14,7 +16,7 @@ import yaml
 
 from pipelines.local_ray import local_ray
 from training import tracking
-from training.tune import SweepConfig, SweepResult, check_space, run_sweep
+from training.tune import TRIAL_CPUS, SweepConfig, SweepResult, check_space, run_sweep
 
 
 def sweep_and_log(cfg: SweepConfig, address: str | None = None) -> tuple[SweepResult, Path]:
@@ -22,7 +24,13 @@ def sweep_and_log(cfg: SweepConfig, address: str | None = None) -> tuple[SweepRe
     check_space(cfg)  # a bad space or base fails here, before Ray starts
     out_dir = Path(cfg.runs_dir) / "sweep" / cfg.name
     tracking_uri = tracking.use_tracking(cfg.tracking, cfg.runs_dir)
-    with local_ray(address=address), mlflow.start_run(run_name=cfg.name, tags={"endoflow.sweep": cfg.job}) as parent:
+    # One logical CPU more than the cores for a local Ray: every running trial holds a token CPU share (TRIAL_CPUS)
+    # while it waits on its Train run, and without the spare a job whose workers take every core never starts.
+    spare = math.ceil(TRIAL_CPUS * cfg.max_concurrent_trials)
+    with (
+        local_ray(num_cpus=(os.cpu_count() or 1) + spare, address=address),
+        mlflow.start_run(run_name=cfg.name, tags={"endoflow.sweep": cfg.job}) as parent,
+    ):
         tracking.log_config(cfg, "sweep.json")
         result = run_sweep(cfg, tracking_uri, parent.info.run_id)
 

@@ -56,3 +56,20 @@ def test_all_empty_mean_is_nan():
     scores = SegmentationScores(("void", "a"))
     scores.update(np.zeros((2, 2)), np.zeros((2, 2)))
     assert math.isnan(scores.summary()["mean_dice"])
+
+
+def test_validation_metrics_add_vocal_folds_and_glottal_space_where_the_label_set_has_them():
+    from training.metrics import validation_metrics, vocal_folds_glottal_dice
+
+    truth = np.array([[1, 1, 3, 3], [2, 2, 2, 2]])
+    pred = np.array([[1, 0, 3, 3], [2, 2, 2, 2]])
+    scores = SegmentationScores(("void", "vocal_folds", "other_tissue", "glottal_space"))
+    scores.update(truth, pred)
+    summary = scores.summary()
+    metrics = validation_metrics(summary)
+    assert metrics["val_vf_gs_dice"] == pytest.approx((2 / 3 + 1.0) / 2)  # vocal folds 2·1/(2+1), glottal space 1
+    assert metrics["val_mean_dice"] == summary["mean_dice"]
+    assert vocal_folds_glottal_dice({"vocal_folds": None, "glottal_space": 0.5}) == 0.5
+    organs = SegmentationScores(("background", "liver"))
+    organs.update(np.array([[0, 1]]), np.array([[0, 1]]))
+    assert "val_vf_gs_dice" not in validation_metrics(organs.summary())

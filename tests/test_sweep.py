@@ -72,7 +72,7 @@ def test_space_is_checked_against_the_job_config_before_any_trial():
 def test_k8s_sweep_config_is_a_valid_adapt_sweep():
     # The RayJob reads /config/job.yaml; here the same file from the repository.
     cfg = load_config(SweepConfig, ROOT / "k8s/base/config/sweep.yaml", [f"base={ROOT / 'k8s/base/config/job.yaml'}"])
-    assert cfg.job == "adapt" and {"irb.top_fraction", "pseudo.tau", "style.beta"} <= set(cfg.space)
+    assert cfg.job == "adapt" and {"irb.top_fraction", "pseudo.tau", "pseudo.class_balanced"} <= set(cfg.space)
     assert isinstance(check_space(cfg), AdaptJobConfig)
 
 
@@ -117,3 +117,46 @@ def test_two_trial_sweep_nests_runs_and_logs_the_best(ray_session, tmp_path):
     best = load_config(SegmentJobConfig, out_dir / "best_config.yaml")
     assert best.name == "tiny-best" and best.compute.lr == pytest.approx(result.best_params["compute.lr"])
     assert result.best_metric == max(t["val_mean_dice"] for t in result.trials)
+
+
+def test_a_local_sweep_has_room_for_its_trials_beside_jobs_on_every_core(monkeypatch, tmp_path):
+    # Each running trial holds TRIAL_CPUS while its Train run's workers take theirs: a 2-worker job on a 2-core
+    # machine timed out waiting for its workers when local Ray counted only the cores.
+    import contextlib
+    import os
+
+    from pipelines import sweep_flow
+    from training.tune import TRIAL_CPUS
+
+    asked = {}
+
+    @contextlib.contextmanager
+    def fake_local_ray(num_cpus=None, address=None):
+        asked["num_cpus"] = num_cpus
+        raise RuntimeError("stop before Ray")
+        yield
+
+    monkeypatch.setattr(sweep_flow, "local_ray", fake_local_ray)
+    cfg = SweepConfig.model_validate(
+        {
+            "base": TINY_JOB,
+            "space": {"compute.lr": {"type": "choice", "values": [1e-3]}},
+            "max_concurrent_trials": 3,
+            "runs_dir": str(tmp_path),
+            "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        }
+    )
+    with pytest.raises(RuntimeError, match="stop before Ray"):
+        sweep_flow.sweep_and_log(cfg)
+    assert asked["num_cpus"] >= os.cpu_count() + 3 * TRIAL_CPUS
+
+
+def test_trials_get_absolute_paths_for_what_exists_from_the_launch_folder(monkeypatch, tmp_path):
+    from training.tune import _with_absolute_paths
+
+    (tmp_path / "data" / "frames").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    tree = {"target": {"uri": "data/frames", "kind": "vocalfolds"}, "teacher": "missing/dir", "url": "s3://b/k"}
+    resolved = _with_absolute_paths(tree)
+    assert resolved["target"] == {"uri": str(tmp_path / "data" / "frames"), "kind": "vocalfolds"}
+    assert resolved["teacher"] == "missing/dir" and resolved["url"] == "s3://b/k"  # left for the job to report

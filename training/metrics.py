@@ -67,6 +67,27 @@ class SegmentationScores:
         }
 
 
+# The classes a laryngoscopist reads first; issue #35's zero-label target is their mean Dice ("VF+GS").
+VOCAL_FOLDS_GLOTTAL = ("vocal_folds", "glottal_space")
+
+
+def vocal_folds_glottal_dice(dice: dict[str, float | None]) -> float | None:
+    """Mean Dice of vocal folds and glottal space over those scored (None when neither is: another label set,
+    or neither class in truth nor prediction)."""
+    scored = [dice[name] for name in VOCAL_FOLDS_GLOTTAL if dice.get(name) is not None]
+    return sum(scored) / len(scored) if scored else None
+
+
+def validation_metrics(summary: dict) -> dict[str, float]:
+    """What a training loop reports per epoch from a `SegmentationScores.summary()` of its val frames: mean Dice,
+    mean IoU and, where the label set has them, VF+GS Dice (a sweep may select on any of them)."""
+    metrics = {"val_mean_dice": summary["mean_dice"], "val_mean_iou": summary["mean_iou"]}
+    vf_gs = vocal_folds_glottal_dice(summary["dice"])
+    if vf_gs is not None:
+        metrics["val_vf_gs_dice"] = vf_gs
+    return metrics
+
+
 def _nanmean(values: np.ndarray) -> float:
     return float(np.nanmean(values)) if np.any(~np.isnan(values)) else float("nan")
 

@@ -37,6 +37,7 @@ from training.adapt.pseudo_labels import (
 from training.data.normalize import normalize, to_unit_bchw
 from training.data.sources import load_data
 from training.losses import masked_cross_entropy
+from training.metrics import validation_metrics
 from training.models.unet import Segmenter, UNetConfig
 from training.segment.predict import predict_labels, score
 from training.segment.train import TrainedSegmenter, augment
@@ -243,7 +244,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
         metrics["epoch_seconds"] = time.perf_counter() - started
         if val_images is not None:
             summary, _ = score(loop.unwrap(model), val_images, val_masks)
-            metrics |= {"val_mean_dice": summary["mean_dice"], "val_mean_iou": summary["mean_iou"]}
+            metrics |= validation_metrics(summary)
         state = loop.optimiser_state(model, optimizer, scheduler)
         if teacher is not None:  # the checkpoint carries its teacher, so a resume needs neither the file nor a rerun
             state["teacher"] = {"model": teacher.state_dict(), "config": teacher.cfg.model_dump(mode="json")}

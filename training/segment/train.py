@@ -18,6 +18,7 @@ from training import loop
 from training.data.normalize import normalize, to_unit_bchw
 from training.data.sources import load_data
 from training.losses import masked_cross_entropy
+from training.metrics import validation_metrics
 from training.models.unet import Segmenter
 from training.segment.config import AugmentConfig, SegmentJobConfig, StyleConfig
 from training.segment.predict import score
@@ -104,7 +105,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
         }
         if val_images is not None:
             summary, _ = score(loop.unwrap(model), val_images, val_masks)
-            metrics |= {"val_mean_dice": summary["mean_dice"], "val_mean_iou": summary["mean_iou"]}
+            metrics |= validation_metrics(summary)
         loop.end_epoch(cfg, tracking_uri, metrics, loop.optimiser_state(model, optimizer, scheduler), context, epoch)
 
 
