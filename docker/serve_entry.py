@@ -39,6 +39,7 @@ OPTIONS = {
     "tracking_uri",
     "max_batch_size",
     "batch_wait_timeout_s",
+    "batch_overlap",
     "reload_interval_s",
     "propagation_model",
     "session_idle_timeout_s",

@@ -11,7 +11,8 @@
 instead of a second thread (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0), and Ray 2.60's throughput-optimised mode
 (RAY_SERVE_THROUGHPUT_OPTIMIZED=1) twice: through Serve's proxy port, and straight at the replica's own HTTP port
 (direct ingress: what HAProxy forwards to, without HAProxy), each in a fresh subprocess because the flags are read
-when Serve starts.
+when Serve starts; the last once more with `endoflow serve --batch-overlap` (onnxruntime off the replica's loop, two
+batches at once: serving/batching.py).
 Every mode is measured at each concurrency for `seconds` by closed-loop client threads with keep-alive
 connections (http.client: the cheapest Python client, so the client adds as little as possible to every mode).
 The overhead target is also measured paired (bare, v2 and an echo deployment in alternating rounds while the
@@ -49,7 +50,11 @@ INGRESS_ENV: dict[str, dict[str, str]] = {
     "haproxy_same_loop": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"},
     "throughput_optimized": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
     "throughput_optimized_replica_port": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},  # see replica_ports
+    "throughput_optimized_replica_port_overlap": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
 }
+# Variants measured at the replica's own port, and service options a variant sets (`endoflow serve` flags).
+AT_REPLICA_PORT = {"throughput_optimized_replica_port", "throughput_optimized_replica_port_overlap"}
+SERVICE_OPTIONS: dict[str, dict[str, Any]] = {"throughput_optimized_replica_port_overlap": {"batch_overlap": True}}
 # Direct ingress gives each replica an HTTP port from RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT up (default 30000-31000).
 REPLICA_PORTS_FROM = "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"
 
@@ -335,7 +340,7 @@ def bench_service(
     with local_ray(num_cpus=max(threads, 2)):
         from ray import serve
 
-        options = {"propagation_model": str(propagation)} if propagation else {}
+        options = SERVICE_OPTIONS.get(ingress, {}) | ({"propagation_model": str(propagation)} if propagation else {})
         run_app(str(model_path), port=port, threads=threads, reload_interval_s=0, max_batch_size=8, **options)
         warm_state, warm = http_sender(port, "/v1/segment", png_bytes(test_image(size)), {})
         state = warm_state()
@@ -351,7 +356,7 @@ def bench_service(
         probe.request("POST", f"/v2/models/{name}/infer", body=body, headers=headers)
         echo_route = deploy_echo(len(probe.getresponse().read()))
         echo_port = port
-        if ingress == "throughput_optimized_replica_port":  # both replicas answer on their own ports
+        if ingress in AT_REPLICA_PORT:  # both replicas answer on their own ports
             port, echo_port = replica_ports(int(os.environ[REPLICA_PORTS_FROM]), name)
         results["replica_port"] = port if port != echo_port else None
         make_state, send = http_sender(port, f"/v2/models/{name}/infer", body, headers)
@@ -430,7 +435,7 @@ def bench_serve(
         log(f"(b, c) service, {ingress} ingress")
         result_file = workdir / f"service_{ingress}.json"
         env = os.environ | INGRESS_ENV[ingress]
-        if ingress == "throughput_optimized_replica_port":
+        if ingress in AT_REPLICA_PORT:
             env |= {REPLICA_PORTS_FROM: str(free_port_block(64))}  # where this variant's replicas listen
         args = ["service", str(model_path), ingress, str(threads), ",".join(map(str, levels)), str(seconds)]
         # Streams once, on the default ingress: the WebSocket path does not depend on the ingress choice here.

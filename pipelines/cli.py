@@ -166,6 +166,9 @@ def serve(
     providers: Annotated[str, typer.Option(help="'auto' or comma-separated onnxruntime providers, in order")] = "auto",
     max_batch_size: Annotated[int, typer.Option(help="dynamic batching: most requests per onnxruntime call")] = 8,
     batch_wait_ms: Annotated[float, typer.Option(help="dynamic batching: wait for a fuller batch")] = 0.0,
+    batch_overlap: Annotated[
+        bool, typer.Option(help="onnxruntime in a worker thread, two batches at once (experiment 023)")
+    ] = False,
     reload_interval: Annotated[float, typer.Option(help="seconds between re-resolving the model (0: never)")] = 60.0,
     api_token: Annotated[
         str | None, typer.Option(envvar="ENDOFLOW_API_TOKEN", help="bearer token required on API routes")
@@ -211,6 +214,7 @@ def serve(
             providers=providers,
             max_batch_size=max_batch_size,
             batch_wait_timeout_s=batch_wait_ms / 1000,
+            batch_overlap=batch_overlap,
             reload_interval_s=reload_interval,
             api_token=api_token or "",
             access_log=access_log,
@@ -264,13 +268,20 @@ def bench_serve_command(
     out: Path = Path("runs/bench/serve.json"),
     seconds: Annotated[float, typer.Option(help="measured seconds per mode and concurrency")] = 4.0,
     threads: Annotated[int, typer.Option(help="inference threads of every server")] = 2,
+    variants: Annotated[
+        str | None, typer.Option(help="comma-separated service variants (default: all, pipelines/bench_serve.py)")
+    ] = None,
 ) -> None:
     """Serving latency/throughput: bare onnxruntime vs this service (v2, REST; each ingress variant) vs naive torch."""
     import json
 
-    from pipelines.bench_serve import bench_serve
+    from pipelines.bench_serve import INGRESS_ENV, bench_serve
 
-    report = bench_serve(out, seconds=seconds, threads=threads, log=console.print)
+    chosen = tuple(v.strip() for v in variants.split(",") if v.strip()) if variants else tuple(INGRESS_ENV)
+    if unknown := [v for v in chosen if v not in INGRESS_ENV]:
+        console.print(f"[red]error:[/red] --variants: unknown {unknown}; known: {', '.join(INGRESS_ENV)}")
+        raise typer.Exit(2)
+    report = bench_serve(out, seconds=seconds, threads=threads, ingresses=chosen, log=console.print)
     console.print_json(json.dumps(report["summary"]))
 
 

@@ -88,6 +88,7 @@ class SegmentationService:
         tracking_uri: str | None = None,
         max_batch_size: int = 8,
         batch_wait_timeout_s: float = 0.0,
+        batch_overlap: bool = False,
         reload_interval_s: float = 60.0,
         api_token: str | None = None,
         propagation_model: str | None = None,
@@ -110,7 +111,7 @@ class SegmentationService:
             tracking_uri=tracking_uri,
             metrics=self.metrics,
         )
-        batcher = Batcher(self.metrics, max_batch_size, batch_wait_timeout_s)
+        batcher = Batcher(self.metrics, max_batch_size, batch_wait_timeout_s, batch_overlap)
         self.rest = RestHandler(self.models, self.limits, batcher)
         self.v2 = V2Handler(self.models, self.limits, batcher)
         self.propagation = PropagationHandler(self.models, self.limits, Replica.token)
