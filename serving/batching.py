@@ -70,7 +70,6 @@ class Batcher:
         self._in_flight += 1
         try:
             if lone:
-                self.metrics.batch_size.observe(1)
                 logits, onnx_seconds = (await self._run([(loaded, batch_nchw)]))[0]
             else:
                 logits, onnx_seconds = await self._batched((loaded, batch_nchw))
@@ -84,10 +83,10 @@ class Batcher:
     # Two batches at most: with `overlap` one can fill the cores while the other's requests are read and answered.
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0, max_concurrent_batches=2)
     async def _batched(self, items: list[tuple[LoadedModel, np.ndarray]]) -> list[tuple[np.ndarray, float]]:
-        self.metrics.batch_size.observe(len(items))
         return await self._run(items)
 
     async def _run(self, items: list[tuple[LoadedModel, np.ndarray]]) -> list[tuple[np.ndarray, float]]:
+        self.metrics.batch_size.observe(len(items))
         if self.overlap:
             return await asyncio.to_thread(run_grouped, items)
         # On this replica's user-code loop: a thread hop costs a context switch, and without overlap nothing else

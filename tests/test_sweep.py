@@ -152,11 +152,22 @@ def test_a_local_sweep_has_room_for_its_trials_beside_jobs_on_every_core(monkeyp
 
 
 def test_trials_get_absolute_paths_for_what_exists_from_the_launch_folder(monkeypatch, tmp_path):
-    from training.tune import _with_absolute_paths
-
+    # Tune runs each trial in its own folder: the adapt job resolves its data, teacher and translator paths when its
+    # config is read, in the folder the sweep was launched from.
     (tmp_path / "data" / "frames").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
-    tree = {"target": {"uri": "data/frames", "kind": "vocalfolds"}, "teacher": "missing/dir", "url": "s3://b/k"}
-    resolved = _with_absolute_paths(tree)
-    assert resolved["target"] == {"uri": str(tmp_path / "data" / "frames"), "kind": "vocalfolds"}
-    assert resolved["teacher"] == "missing/dir" and resolved["url"] == "s3://b/k"  # left for the job to report
+    cfg = load_config(
+        AdaptJobConfig,
+        None,
+        [
+            "target={kind: folder, uri: data/frames, labelled: false}",
+            "teacher_checkpoint=runs/ray/teacher",
+            "style={method: translator, translator: runs/gen.pt}",
+            "irb.enabled=false",
+        ],
+    )
+    assert cfg.target.uri == str(tmp_path / "data" / "frames")
+    assert cfg.teacher_checkpoint == str(tmp_path / "runs/ray/teacher")
+    assert cfg.style.translator == str(tmp_path / "runs/gen.pt")
+    s3 = load_config(AdaptJobConfig, None, ["teacher_checkpoint=s3://bucket/teacher"])
+    assert s3.teacher_checkpoint == "s3://bucket/teacher"  # left for the job to read

@@ -70,6 +70,14 @@ class StrictModel(BaseModel):
     model_config = {"extra": "forbid"}
 
 
+def absolute(path: str | None) -> str | None:
+    """A local path made absolute (Ray Tune trials and Train workers run in their own working directory); refs
+    (models:/..., s3://...) unchanged."""
+    if path is None or "://" in path or path.startswith("models:/"):
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
 # The checked-in recipes (configs/*.yaml at the repository root): the one place that says where they are. The
 # package is installed editable from the repository (pyproject.toml), so the root is this file's parent's parent.
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"

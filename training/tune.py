@@ -189,8 +189,8 @@ def run_sweep(cfg: SweepConfig, tracking_uri: str, parent_run_id: str | None = N
     epochs = base.compute.epochs
     # What the trials run: the validated base with the sweep's storage and tracking (best_config.yaml is one too).
     job_tree = base.model_dump(mode="json") | {"runs_dir": cfg.runs_dir, "tracking": cfg.tracking.model_dump()}
-    trial_tree = _with_absolute_paths(job_tree) | {  # trials run in their own folders
-        "runs_dir": cfg.runs_dir if "://" in cfg.runs_dir else str(Path(cfg.runs_dir).resolve()),
+    trial_tree = job_tree | {  # data uris and checkpoints are absolute already: the job configs resolve them
+        "runs_dir": cfg.runs_dir if "://" in cfg.runs_dir else str(Path(cfg.runs_dir).resolve()),  # trials chdir
         "tracking": job_tree["tracking"] | {"tracking_uri": tracking_uri},
     }
     client = MlflowClient(tracking_uri)
@@ -322,20 +322,6 @@ def _active_run_id() -> str:
     if run is None:
         raise RuntimeError("run_sweep needs the sweep's parent MLflow run: start one or pass parent_run_id")
     return run.info.run_id
-
-
-def _with_absolute_paths(tree: dict[str, Any]) -> dict[str, Any]:
-    """The tree with every relative path that exists from here (data uris, a teacher checkpoint, a translator
-    file) made absolute: Tune runs each trial in its own folder, where `../shared/data/...` would name nothing."""
-
-    def absolute(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {key: absolute(item) for key, item in value.items()}
-        if isinstance(value, str) and "/" in value and "://" not in value and not Path(value).is_absolute():
-            return str(Path(value).resolve()) if Path(value).exists() else value
-        return value
-
-    return absolute(tree)
 
 
 def _leaves(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:

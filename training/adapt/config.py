@@ -38,7 +38,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from training.config import StrictModel
+from training.config import StrictModel, absolute
 from training.data.sources import DataSpec
 from training.loop import ComputeConfig
 from training.models.unet import UNetConfig
@@ -61,6 +61,7 @@ class AdaptStyleConfig(StrictModel):
     def _translator_file(self) -> AdaptStyleConfig:
         if self.method == "translator" and not self.translator:
             raise ValueError("style.method=translator needs style.translator: the generator file of a translator run")
+        self.translator = absolute(self.translator)
         return self
 
 
@@ -130,6 +131,7 @@ class AdaptJobConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> AdaptJobConfig:
+        self.teacher_checkpoint = absolute(self.teacher_checkpoint)
         for part, on in [
             (f"style.method={self.style.method!r}", self.style.method != "none"),
             ("pseudo.enabled", self.pseudo.enabled),

@@ -28,12 +28,11 @@ left out. There is no simulator share with CT (sim_share 0), and a first CT pati
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from training.config import StrictModel
+from training.config import StrictModel, absolute
 from training.data.sources import DataSpec
 from training.loop import ComputeConfig
 from training.models.propagation.network import KEY_STRIDE
@@ -41,14 +40,6 @@ from training.models.unet import UNetConfig
 from training.propagate.inference import MemoryPolicy
 from training.segment.config import AugmentConfig
 from training.tracking import TrackingConfig
-
-
-def absolute(path: str | None) -> str | None:
-    """A local path made absolute (Ray Tune trials and Train workers run in their own working directory); refs
-    (models:/..., s3://...) unchanged."""
-    if path is None or "://" in path or path.startswith("models:/"):
-        return path
-    return os.path.abspath(os.path.expanduser(path))
 
 
 class PatientDataConfig(StrictModel):
